@@ -4,6 +4,7 @@ weights of one process on the concatenated batch (CPU, gloo)."""
 import pytest
 import torch
 from test_callback import BATCH, DomainClassifier, MixinClassifier, assert_same_weights, batches, domain_data, trainer
+from distributed import CloseProcessGroup
 from torch.utils.data import DataLoader, Sampler
 
 from fishr_lightning import FishrCallback
@@ -39,7 +40,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
     else:
         two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    trainer(callbacks=callbacks, strategy="ddp_spawn", devices=2, use_distributed_sampler=False).fit(
+    trainer(callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False).fit(
         two_processes, half_batches
     )
     assert_same_weights(two_processes, one_process, rtol=1e-7)
@@ -48,6 +49,6 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
 def test_distributed_training_needs_num_domains():
     # ddp_spawn re-raises the worker's FishrInputError wrapped, with its message.
     with pytest.raises(Exception, match="FishrInputError: Under distributed training FishrCallback needs num_domains"):
-        trainer(callbacks=[FishrCallback()], strategy="ddp_spawn", devices=2).fit(
+        trainer(callbacks=[FishrCallback(), CloseProcessGroup()], strategy="ddp_spawn", devices=2).fit(
             DomainClassifier(), batches(domain_data(), batch_size=BATCH // 2)
         )
