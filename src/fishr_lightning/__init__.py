@@ -9,7 +9,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["FishrCallback", "FishrInputError", "FishrMixin", "FishrPenalty"]
+__all__ = ["FishrCallback", "FishrInputError", "FishrMixin", "FishrPenalty", "LossValley", "SWADCallback"]
 
 # Imported on first use (PEP 562): `fishr-collect` and the pure-torch core need no Lightning import.
 _HOMES = {
@@ -17,12 +17,16 @@ _HOMES = {
     "FishrMixin": "fishr_lightning.mixin",
     "FishrPenalty": "fishr_lightning.penalty",
     "FishrInputError": "fishr_lightning.functional",
+    "SWADCallback": "fishr_lightning.averaging.swad",
+    "LossValley": "fishr_lightning.averaging.loss_valley",
 }
 
 if TYPE_CHECKING:
     from fishr_lightning.callback import FishrCallback
     from fishr_lightning.functional import FishrInputError
     from fishr_lightning.mixin import FishrMixin
+    from fishr_lightning.averaging.loss_valley import LossValley
+    from fishr_lightning.averaging.swad import SWADCallback
     from fishr_lightning.penalty import FishrPenalty
 
 
