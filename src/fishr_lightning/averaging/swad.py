@@ -70,6 +70,7 @@ class SWADCallback(WeightAveraging):
     Args:
         monitor: the validation loss that places the valley, as logged (SWAD and the app: the mean
             loss over the training domains' held-out splits). It must be logged at every validation.
+            ``None``: segments end only when ``end_segment`` is called (a loop evaluating by itself).
         n_converge: the valley opens when the oldest of the last ``n_converge`` losses is the lowest
             (default 3, SWAD's).
         n_tolerance: the valley closes when the lowest of the last ``n_tolerance`` losses exceeds the
@@ -91,7 +92,7 @@ class SWADCallback(WeightAveraging):
 
     def __init__(
         self,
-        monitor: str,
+        monitor: str | None,
         n_converge: int = 3,
         n_tolerance: int = 6,
         tolerance_ratio: float = 0.3,
@@ -153,11 +154,17 @@ class SWADCallback(WeightAveraging):
         """(No swap: see ``on_validation_epoch_start``.)"""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self._average_model is None or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.sanity_checking or self.monitor is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        if int(self._average_model.n_averaged) == 0:
-            return  # no optimizer step since the last validation: no new segment
-        loss = trainer.strategy.broadcast(self._monitored_loss(trainer), src=0)  # one decision on every rank
+        self.end_segment(trainer, self._monitored_loss(trainer))
+
+    def end_segment(self, trainer: pl.Trainer, loss: float) -> None:
+        """Close the segment of the steps since the last evaluation, whose weights have validation
+        loss ``loss``. Validation runs call it with the monitored metric; a loop that evaluates
+        outside Lightning's validation (the app) calls it itself, with ``monitor=None``."""
+        if self._average_model is None or int(self._average_model.n_averaged) == 0:
+            return  # no optimizer step since the last evaluation: no new segment
+        loss = float(trainer.strategy.broadcast(float(loss), src=0))  # one decision on every rank
         index = self.valley.num_segments
         if not self.valley.dead:
             self._kept_segments[index] = [p.detach().to("cpu", copy=True) for p in self._average_model.module.parameters()]
