@@ -229,7 +229,7 @@ class FishrCallback(Callback):
         features_ND, logits_NC = self._captured.pop()
         targets, domains_N = self.targets_and_domains(batch)
         weight = self.schedule.weight(pl_module.trainer.global_step)
-        if weight > 0:
+        if weight > 0 and logits_NC.requires_grad:  # logits without a graph: penalty_for_weight says so
             self._check_features_carry_the_graph(pl_module, features_ND)
         penalty = self.penalty.penalty_for_weight(weight, features_ND, logits_NC, targets, domains_N, self._head_module)
         batch_size = features_ND.shape[0]
