@@ -90,14 +90,13 @@ def main() -> None:
     print(f"{'D':>5} {'wrong':>5} {'seed':>4} {'variant':>14} {'P (fp64)':>11} {'rel err P':>10} {'rel err dP/dz':>13} {'rel err dP/dW':>13}")
     worst: dict[str, list[float]] = {}
     for D, wrong_fraction, seed in itertools.product(args.features, (0.1, 0.0), range(args.seeds)):
-        if True:
-            problem = make_problem(D, seed, wrong_fraction)
-            ref_p, ref_gz, ref_gw = penalty_and_gradients(two_pass_penalty, torch.float64, problem)
-            for name, fn in (("one-pass fp32", one_pass_penalty), ("two-pass fp32", two_pass_penalty)):
-                p, gz, gw = penalty_and_gradients(fn, torch.float32, problem)
-                errors = [abs(float(p - ref_p)) / abs(float(ref_p)), relative_error(gz, ref_gz), relative_error(gw, ref_gw)]
-                worst[name] = [max(a, b) for a, b in zip(worst.get(name, [0.0] * 3), errors)]
-                print(f"{D:>5} {wrong_fraction:>5} {seed:>4} {name:>14} {float(ref_p):>11.4e} {errors[0]:>10.2e} {errors[1]:>13.2e} {errors[2]:>13.2e}")
+        problem = make_problem(D, seed, wrong_fraction)
+        ref_p, ref_gz, ref_gw = penalty_and_gradients(two_pass_penalty, torch.float64, problem)
+        for name, fn in (("one-pass fp32", one_pass_penalty), ("two-pass fp32", two_pass_penalty)):
+            p, gz, gw = penalty_and_gradients(fn, torch.float32, problem)
+            errors = [abs(float(p - ref_p)) / abs(float(ref_p)), relative_error(gz, ref_gz), relative_error(gw, ref_gw)]
+            worst[name] = [max(a, b) for a, b in zip(worst.get(name, [0.0] * 3), errors)]
+            print(f"{D:>5} {wrong_fraction:>5} {seed:>4} {name:>14} {float(ref_p):>11.4e} {errors[0]:>10.2e} {errors[1]:>13.2e} {errors[2]:>13.2e}")
     print("\nworst over all rows:")
     for name, (ep, egz, egw) in worst.items():
         print(f"  {name:>14}: penalty {ep:.2e}, dP/dfeatures {egz:.2e}, dP/dW {egw:.2e}")
