@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fishr_lightning import FishrInputError, FishrPenalty
+from fishr_lightning import FishrInputError, FishrPenalty, penalty_weight_at_step
 from fishr_lightning import functional as FF
 
 N, D, C, E = 18, 5, 4, 3
@@ -151,8 +151,8 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_schedule_warmup_then_weight_or_linear_ramp():
-    assert [FF.penalty_weight_at_step(t, 1000.0, 3) for t in range(5)] == [0, 0, 0, 1000.0, 1000.0]
-    assert [FF.penalty_weight_at_step(t, 100.0, 2, ramp_steps=4) for t in range(8)] == [0, 0, 25, 50, 75, 100, 100, 100]
+    assert [penalty_weight_at_step(t, 1000.0, 3) for t in range(5)] == [0, 0, 0, 1000.0, 1000.0]
+    assert [penalty_weight_at_step(t, 100.0, 2, ramp_steps=4) for t in range(8)] == [0, 0, 25, 50, 75, 100, 100, 100]
 
 
 # -- bad input: a clear error, never a NaN or a dropped domain ------------------------------------
@@ -211,5 +211,9 @@ def test_the_core_is_pure_torch():
     import subprocess
     import sys
 
-    check = "import sys, fishr_lightning.penalty; assert 'lightning' not in sys.modules, sorted(sys.modules)"
+    check = (
+        "import sys, fishr_lightning.penalty, fishr_lightning.schedule, fishr_lightning.distributed, "
+        "fishr_lightning.heads; from fishr_lightning import FishrSchedule, penalty_weight_at_step; "
+        "assert 'lightning' not in sys.modules, sorted(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, check=False).returncode == 0

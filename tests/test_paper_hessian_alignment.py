@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fishr_lightning import FishrInputError
-from fishr_lightning.hessian_alignment import (
+from fishr_lightning.diagnostics.hessian_alignment import (
     HessianAlignmentCallback,
     alignment_metrics,
     head_gradient_variances,
@@ -207,5 +207,5 @@ def test_training_app_composes_plus_callbacks_hessian_alignment():
             "train", overrides=["+callbacks=hessian_alignment", "callbacks.hessian_alignment.every_n_steps=7"]
         )
     node = cfg.callbacks.hessian_alignment
-    assert node._target_ == "fishr_lightning.hessian_alignment.HessianAlignmentCallback"
+    assert node._target_ == "fishr_lightning.diagnostics.hessian_alignment.HessianAlignmentCallback"
     assert node.every_n_steps == 7

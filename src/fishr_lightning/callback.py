@@ -7,12 +7,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from fishr_lightning import _glue
+from fishr_lightning import distributed, heads
 from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
+from fishr_lightning.heads import TargetsAndDomains
 from fishr_lightning.penalty import Backend, FishrPenalty
+from fishr_lightning.schedule import FishrSchedule
 
 
 class FishrCallback(Callback):
@@ -39,8 +43,8 @@ class FishrCallback(Callback):
             ``model``/``network``), else the module's only ``nn.Linear``; an error when ambiguous.
         backend: ``"closed_form"`` (default: exact, two matmuls per step, no per-sample gradient is
             materialised) or ``"backpack"`` (BackPACK ``BatchGrad``, the paper's route).
-        num_domains: number of training domains. Default ``None``: ``max id + 1`` of the first batch.
-            Required under distributed training.
+        num_domains: number of training domains. Default ``None``: ``max id + 1`` of the first batch
+            of each fit (under DDP, the largest id over all ranks).
         penalty_ramp_steps: when > 0, λ grows linearly from 0 to ``penalty_weight`` over this many
             steps after warm-up instead of jumping (default 0, DomainBed's jump).
         reset_optimizer_at_warmup: clear the optimizers' state (Adam moments) at step
@@ -53,9 +57,16 @@ class FishrCallback(Callback):
         targets_and_domains: ``batch -> (targets, domain_ids)`` for other batch layouts.
 
     Semantics worth knowing:
+        - Each ``fit`` starts afresh (EMA, inferred ``num_domains``, optimizer reset) unless it resumes
+          from a checkpoint, whose state it restores. Whatever ends the fit (success, an exception,
+          ``KeyboardInterrupt``), the module is left as it was found.
+        - Only the fit loop's training steps are penalised: a ``validation_step`` (or test or predict
+          step) that calls ``self.training_step`` gets the plain output, the EMA does not move and
+          nothing is logged.
         - λ is read from ``trainer.global_step`` (optimizer steps). With gradient accumulation each
           micro-batch gets its own penalty, over its own samples, and updates the EMA once;
-          Lightning scales each micro-batch's loss, penalty included, by ``1/accumulate_grad_batches``.
+          Lightning scales each micro-batch's loss, penalty included, by ``1/accumulate_grad_batches``
+          (DomainBed has one penalty per step over the whole batch; a warning says so at fit start).
         - Under ``16-mixed``/``bf16-mixed`` the penalty is computed in float32 outside autocast.
         - Under DDP the per-domain moments are all-reduced: each domain's variance is over the
           global batch, and training equals one process on the concatenated batch.
@@ -77,10 +88,11 @@ class FishrCallback(Callback):
         param_reduction: Reduction = "mean",
         domain_reduction: Reduction = "mean",
         loss: LossName | PerSampleLoss = "cross_entropy",
-        targets_and_domains: _glue.TargetsAndDomains | None = None,
+        targets_and_domains: TargetsAndDomains | None = None,
     ) -> None:
         self.head = head
-        self.schedule = _glue.FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
+        self.requested_head = head
+        self.schedule = FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
         self.penalty = FishrPenalty(
             num_domains=num_domains,
             ema=ema,
@@ -90,18 +102,52 @@ class FishrCallback(Callback):
             loss=loss,
             backend=backend,
         )
-        self.targets_and_domains = targets_and_domains or _glue.default_targets_and_domains
+        self.targets_and_domains = targets_and_domains or heads.default_targets_and_domains
         self._head_module: nn.Linear | None = None
         self._hook: RemovableHandle | None = None
         self._captured: list[tuple[Tensor, Tensor]] = []
         self._capturing = False
-        self._original_training_step: Any = None
+        self._module: pl.LightningModule | None = None
+        self._wrapper: Any = None
+        self._had_training_step_attribute = False
+        self._training_step_attribute: Any = None
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_setup(trainer, pl_module)
+        self.penalty.reset()  # a new fit starts afresh; a checkpoint's state is loaded after setup
+        self.schedule.reset()
+        self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head)
+        if self.penalty.backend == "backpack":
+            from backpack import extend
+
+            extend(self._head_module)
+        self.penalty.reduce_moments = distributed.distributed_reduction(trainer.world_size)
+        self.penalty.reduce_max = distributed.distributed_max(trainer.world_size)
+        self._install(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.accumulate_grad_batches > 1:
+            rank_zero_warn(
+                f"FishrCallback with accumulate_grad_batches={trainer.accumulate_grad_batches}: each micro-batch "
+                "gets its own Fishr penalty, over its own samples only, and moves the EMA once, so the EMA "
+                "advances accumulate_grad_batches times per optimizer step. DomainBed computes one penalty "
+                "per step over the whole batch: to match it, fit the whole batch at once (or spread it over "
+                "devices under DDP, whose per-domain moments are summed over ranks).",
+                category=UserWarning,
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls on_exception, not teardown, when a fit raises (KeyboardInterrupt included).
+        self._restore()
+
+    def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise FishrInputError(
                 "FishrCallback adds the penalty to the loss returned by training_step, which manual "
@@ -110,53 +156,67 @@ class FishrCallback(Callback):
             )
         if sum(isinstance(cb, FishrCallback) for cb in trainer.callbacks) > 1:
             raise FishrInputError("Only one FishrCallback per Trainer: the callbacks would share one head.")
-        if trainer.world_size > 1 and self.penalty.num_domains is None:
+        owner = getattr(vars(pl_module).get("training_step"), "fishr_callback", None)
+        if owner is not None:
             raise FishrInputError(
-                "Under distributed training FishrCallback needs num_domains=...: every rank must "
-                "reduce per-domain moments of the same shape, whatever its local batch holds."
+                f"{type(pl_module).__name__}.training_step is already wrapped by another FishrCallback "
+                f"({owner!r}), still attached from a fit that did not finish. Nesting them would add the "
+                "penalty twice: call that callback's teardown (or build a fresh module) before fitting again."
             )
-        self.head, self._head_module = _glue.resolve_head(pl_module, self.head)
-        if self.penalty.backend == "backpack":
-            from backpack import extend
 
-            extend(self._head_module)
-        self.penalty.reduce_moments = _glue.distributed_reduction(trainer.world_size)
-        self._hook = self._head_module.register_forward_hook(self._record_head_io)
-        self._original_training_step = pl_module.training_step
-        pl_module.training_step = self._training_step_with_penalty(pl_module)  # type: ignore[method-assign]
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        """Hook the head and wrap the module's ``training_step``, remembering what was there."""
+        self._module = pl_module
+        self._had_training_step_attribute = "training_step" in vars(pl_module)
+        self._training_step_attribute = vars(pl_module).get("training_step")
+        self._hook = self._head_module.register_forward_hook(self._record_head_io, with_kwargs=True)
+        self._wrapper = self._training_step_with_penalty(pl_module, pl_module.training_step)
+        pl_module.training_step = self._wrapper  # type: ignore[method-assign]
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
+        """Leave the module as it was found: hook removed, its own ``training_step`` attribute (or
+        its absence) back. Idempotent; an attribute someone set over ours is left alone."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._original_training_step is not None:
-            del pl_module.training_step  # drops the instance attribute: the class's method is back
-            self._original_training_step = None
+        module, self._module = self._module, None
+        if module is not None and vars(module).get("training_step") is self._wrapper:
+            if self._had_training_step_attribute:
+                module.training_step = self._training_step_attribute  # type: ignore[method-assign]
+            else:
+                del module.training_step  # the class's method is back
+        self._wrapper = self._training_step_attribute = None
+        self._captured.clear()
+        self._capturing = False
 
     # -- per step -------------------------------------------------------------------------------
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.schedule.maybe_reset(trainer.global_step, trainer.optimizers)
 
-    def _record_head_io(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def _record_head_io(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
         if self._capturing:
-            self._captured.append((args[0], output))
+            self._captured.append((args[0] if args else kwargs["input"], output))
 
-    def _training_step_with_penalty(self, pl_module: pl.LightningModule) -> Any:
-        original = self._original_training_step
-
+    def _training_step_with_penalty(self, pl_module: pl.LightningModule, original: Any) -> Any:
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            trainer = pl_module.trainer
+            if not (trainer.state.fn == TrainerFn.FITTING and trainer.training):
+                return original(*args, **kwargs)  # validation/test/predict calls pass through
             self._captured.clear()
             self._capturing = True
             try:
                 output = original(*args, **kwargs)
-            finally:
                 self._capturing = False
-            if output is None:  # the module skipped this batch
-                return None
-            batch = args[0] if args else kwargs["batch"]
-            return self._add_penalty(pl_module, output, batch)
+                if output is None:  # the module skipped this batch
+                    return None
+                batch = args[0] if args else kwargs["batch"]
+                return self._add_penalty(pl_module, output, batch)
+            finally:  # nothing captured outlives the step
+                self._capturing = False
+                self._captured.clear()
 
+        training_step.fishr_callback = self  # type: ignore[attr-defined]
         return training_step
 
     def _add_penalty(self, pl_module: pl.LightningModule, output: Any, batch: Any) -> Any:
@@ -169,9 +229,9 @@ class FishrCallback(Callback):
         features_ND, logits_NC = self._captured.pop()
         targets, domains_N = self.targets_and_domains(batch)
         weight = self.schedule.weight(pl_module.trainer.global_step)
-        penalty = _glue.compute_penalty(
-            self.penalty, weight, features_ND, logits_NC, targets, domains_N, self._head_module
-        )
+        if weight > 0 and logits_NC.requires_grad:  # logits without a graph: penalty_for_weight says so
+            self._check_features_carry_the_graph(pl_module, features_ND)
+        penalty = self.penalty.penalty_for_weight(weight, features_ND, logits_NC, targets, domains_N, self._head_module)
         batch_size = features_ND.shape[0]
         pl_module.log("fishr/penalty", penalty.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         pl_module.log("fishr/weight", weight, on_step=True, on_epoch=False, batch_size=batch_size)
@@ -183,6 +243,22 @@ class FishrCallback(Callback):
             f"training_step returned a {type(output).__name__}; FishrCallback adds the penalty to a loss "
             "tensor or to the 'loss' entry of a dict. Return one of those."
         )
+
+    def _check_features_carry_the_graph(self, pl_module: pl.LightningModule, features_ND: Tensor) -> None:
+        """Refuse features cut off from a trainable backbone: the penalty's gradient would not reach it.
+
+        Features without a graph are fine when nothing before the head trains (a linear probe).
+        """
+        if features_ND.requires_grad:
+            return
+        head_parameters = {id(p) for p in self._head_module.parameters()}
+        if any(p.requires_grad and id(p) not in head_parameters for p in pl_module.parameters()):
+            raise FishrInputError(
+                f"The input of the Fishr head {self.head!r} carries no autograd graph (it was detached, or "
+                "computed under torch.no_grad) while the module has trainable parameters before the head, "
+                "so the penalty's gradient would not reach them. Compute the features with gradients "
+                "enabled and without .detach(), or freeze the backbone (requires_grad=False)."
+            )
 
     # -- checkpointing --------------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ class HeadGradientMoments:
     grad_sum_EP: Tensor
     grad_sq_sum_EP: Tensor
     count_E: Tensor
+    # All samples seen, including ids outside [0, E) (which add to no domain); summed over ranks too.
+    num_samples: Tensor | None = None
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.grad_sum_EP, self.grad_sq_sum_EP, self.count_E
@@ -131,13 +133,17 @@ def closed_form_moments(
     if bias:
         weight_sum_EP = torch.cat([weight_sum_EP, onehot_NE.T @ delta_NC], dim=1)
         weight_sq_sum_EP = torch.cat([weight_sq_sum_EP, onehot_NE.T @ delta_NC.square()], dim=1)
-    return HeadGradientMoments(weight_sum_EP, weight_sq_sum_EP, onehot_NE.sum(dim=0))
+    num_samples = torch.tensor(N, dtype=delta_NC.dtype, device=delta_NC.device)
+    return HeadGradientMoments(weight_sum_EP, weight_sq_sum_EP, onehot_NE.sum(dim=0), num_samples)
 
 
 def per_sample_moments(grads_NP: Tensor, domains_N: Tensor, num_domains: int) -> HeadGradientMoments:
     """Per-domain moments from materialised per-sample gradients ``[N, P]`` (the BackPACK route)."""
     onehot_NE = domain_indicator(domains_N, num_domains, grads_NP.dtype)
-    return HeadGradientMoments(onehot_NE.T @ grads_NP, onehot_NE.T @ grads_NP.square(), onehot_NE.sum(dim=0))
+    num_samples = torch.tensor(grads_NP.shape[0], dtype=grads_NP.dtype, device=grads_NP.device)
+    return HeadGradientMoments(
+        onehot_NE.T @ grads_NP, onehot_NE.T @ grads_NP.square(), onehot_NE.sum(dim=0), num_samples
+    )
 
 
 def backpack_per_sample_gradients(
@@ -225,16 +231,6 @@ def gradient_variance_distance(
     squared_gap_EP = (variance_EP - mean_variance_P).square()
     per_domain_E = squared_gap_EP.mean(dim=1) if param_reduction == "mean" else squared_gap_EP.sum(dim=1)
     return per_domain_E.mean() if domain_reduction == "mean" else per_domain_E.sum()
-
-
-def penalty_weight_at_step(step: int, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0) -> float:
-    """``λ_t``: 0 for ``t < warmup_steps``, then ``penalty_weight`` (reached linearly over
-    ``ramp_steps`` optimizer steps when ``ramp_steps > 0``)."""
-    if step < warmup_steps:
-        return 0.0
-    if ramp_steps > 0:
-        return penalty_weight * min(1.0, (step - warmup_steps + 1) / ramp_steps)
-    return penalty_weight
 
 
 def closed_form_per_sample_gradients(features_ND: Tensor, delta_NC: Tensor, bias: bool = True) -> Tensor:

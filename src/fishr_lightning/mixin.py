@@ -6,9 +6,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fishr_lightning import _glue
+from fishr_lightning import distributed
 from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
 from fishr_lightning.penalty import Backend, FishrPenalty
+from fishr_lightning.schedule import FishrSchedule
 
 
 class FishrMixin:
@@ -22,7 +23,7 @@ class FishrMixin:
             def __init__(self):
                 super().__init__()
                 self.featurizer, self.classifier = ..., nn.Linear(512, 7)
-                self.configure_fishr(penalty_weight=1000.0, warmup_steps=1500, ema=0.95)
+                self.configure_fishr(self.classifier, penalty_weight=1000.0, warmup_steps=1500, ema=0.95)
 
             def training_step(self, batch, batch_idx):
                 x, y, domains = batch
@@ -33,15 +34,20 @@ class FishrMixin:
     Training this way equals training the same module with ``FishrCallback``. The mixin defines
     ``on_train_batch_start`` (the optimizer reset at warm-up) and ``on_save_checkpoint`` /
     ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them.
-    ``configure_fishr`` takes the arguments of ``FishrCallback`` but ``head`` and
-    ``targets_and_domains``.
+    ``configure_fishr`` takes the arguments of ``FishrCallback`` but ``targets_and_domains``;
+    its ``head`` is the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
+    has a bias: a bias-free head has ``C·D`` parameters, and the penalty's mean runs over those).
+    The optimizer reset fires once, at the first step ``≥ warmup_steps``, also when ``global_step``
+    advances by more than one per batch (several optimizers, manual optimization). Under DDP
+    ``num_domains`` may be left out: it is the largest id over all ranks, plus one.
     """
 
     fishr: FishrPenalty
-    fishr_schedule: _glue.FishrSchedule
+    fishr_schedule: FishrSchedule
 
     def configure_fishr(
         self,
+        head: nn.Linear | None = None,
         penalty_weight: float = 1000.0,
         warmup_steps: int = 1500,
         ema: float = 0.95,
@@ -53,7 +59,20 @@ class FishrMixin:
         param_reduction: Reduction = "mean",
         domain_reduction: Reduction = "mean",
         loss: LossName | PerSampleLoss = "cross_entropy",
+        head_bias: bool | None = None,
     ) -> None:
+        if head is not None and not isinstance(head, nn.Linear):
+            raise FishrInputError(
+                f"configure_fishr's head is a {type(head).__name__}; pass the final nn.Linear module itself "
+                "(e.g. self.configure_fishr(self.classifier, ...)), after creating it in __init__."
+            )
+        if head is not None and head_bias is not None and head_bias != (head.bias is not None):
+            raise FishrInputError(
+                f"head_bias={head_bias} contradicts the head, which {'has' if head.bias is not None else 'has no'} "
+                "bias: pass only the head."
+            )
+        # A tuple, not an attribute holding the module: nn.Module would register it a second time.
+        self._fishr_head = (head,)
         self.fishr = FishrPenalty(
             num_domains=num_domains,
             ema=ema,
@@ -62,8 +81,9 @@ class FishrMixin:
             domain_reduction=domain_reduction,
             loss=loss,
             backend=backend,
+            head_bias=head.bias is not None if head is not None else (True if head_bias is None else head_bias),
         )
-        self.fishr_schedule = _glue.FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
+        self.fishr_schedule = FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
 
     @property
     def fishr_weight(self) -> float:
@@ -75,18 +95,18 @@ class FishrMixin:
     ) -> Tensor:
         """``λ_t · P`` for this batch (updates the EMA; logs ``fishr/penalty`` and ``fishr/weight``).
 
-        ``head`` is needed only by ``backend="backpack"`` (an ``nn.Linear`` wrapped by
-        ``backpack.extend`` before the forward).
+        ``head`` defaults to the one given to ``configure_fishr``; ``backend="backpack"`` needs one
+        (an ``nn.Linear`` wrapped by ``backpack.extend`` before the forward).
         """
         if not hasattr(self, "fishr"):
             raise FishrInputError("Call self.configure_fishr(...) in __init__ before using fishr_loss.")
         trainer = self.trainer  # type: ignore[attr-defined]
         if self.fishr.reduce_moments is None and trainer.world_size > 1:
-            if self.fishr.num_domains is None:
-                raise FishrInputError("Under distributed training pass num_domains=... to configure_fishr.")
-            self.fishr.reduce_moments = _glue.distributed_reduction(trainer.world_size)
+            self.fishr.reduce_moments = distributed.distributed_reduction(trainer.world_size)
+            self.fishr.reduce_max = distributed.distributed_max(trainer.world_size)
+        head = head if head is not None else self._fishr_head[0]
         weight = self.fishr_weight
-        penalty = _glue.compute_penalty(self.fishr, weight, features_ND, logits_NC, targets, domains_N, head)
+        penalty = self.fishr.penalty_for_weight(weight, features_ND, logits_NC, targets, domains_N, head)
         log = self.log  # type: ignore[attr-defined]
         log("fishr/penalty", penalty.detach(), on_step=True, on_epoch=False, batch_size=features_ND.shape[0])
         log("fishr/weight", weight, on_step=True, on_epoch=False, batch_size=features_ND.shape[0])

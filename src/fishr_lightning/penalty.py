@@ -6,18 +6,17 @@ can any plain training loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from fishr_lightning import functional as FF
+from fishr_lightning.distributed import MaxReduction, MomentsReduction
 from fishr_lightning.functional import FishrInputError, HeadGradientMoments, LossName, PerSampleLoss, Reduction
 
 Backend = Literal["closed_form", "backpack"]
 Covariance = Literal["diagonal", "full"]
-MomentsReduction = Callable[[HeadGradientMoments], HeadGradientMoments]
 
 
 class FishrPenalty:
@@ -25,7 +24,8 @@ class FishrPenalty:
 
     Args:
         num_domains: number of training domains ``E``; domain ids are ``0 .. E-1``. ``None`` takes
-            ``max id + 1`` of the first batch (every later batch must then hold every domain).
+            ``max id + 1`` of the first batch (over all ranks when ``reduce_max`` is given; every
+            later batch must then hold every domain). ``reset()`` forgets the inferred value.
         ema: EMA decay γ of each domain's gradient variance (DomainBed: 0.95); 0 disables the EMA.
         centered: centred variance (default) or uncentred second moment (paper, Table 6).
         param_reduction: ``"mean"`` (DomainBed) or ``"sum"`` (paper's Colored MNIST) over parameters.
@@ -35,7 +35,11 @@ class FishrPenalty:
         backend: ``"closed_form"`` (default; two matmuls, exact) or ``"backpack"`` (BackPACK's
             ``BatchGrad``, the paper's route; needs the head passed to ``__call__``).
         reduce_moments: applied to each batch's per-domain moments before the variances are formed;
-            data-parallel training passes a differentiable all-reduce here.
+            data-parallel training passes ``distributed.all_reduce_moments`` here.
+        reduce_max: applied to the first batch's largest domain id when ``num_domains`` is inferred;
+            data-parallel training passes ``distributed.all_reduce_max`` here.
+        head_bias: whether the head has a bias, used when no ``head`` is passed to the call
+            (default ``True``); a bias-free head has ``C·D`` parameters, not ``C·D + C``.
         covariance: ``"diagonal"`` (default, Fishr) or ``"full"``: per parameter group (weight, bias)
             the whole covariance matrix of the per-sample gradients, each divided by the group's
             size, as the paper's Colored MNIST variant ``fishr_offdiagonal`` (Table 6). It
@@ -54,6 +58,8 @@ class FishrPenalty:
         backend: Backend = "closed_form",
         reduce_moments: MomentsReduction | None = None,
         covariance: Covariance = "diagonal",
+        reduce_max: MaxReduction | None = None,
+        head_bias: bool = True,
     ) -> None:
         if not 0.0 <= ema < 1.0:
             raise FishrInputError(f"ema must be in [0, 1), got {ema}: it is the EMA decay γ (DomainBed: 0.95).")
@@ -69,6 +75,7 @@ class FishrPenalty:
         if covariance not in ("diagonal", "full"):
             raise FishrInputError(f"covariance must be 'diagonal' or 'full', got {covariance!r}.")
         self.num_domains = num_domains
+        self.requested_num_domains = num_domains
         self.ema = ema
         self.centered = centered
         self.param_reduction = param_reduction
@@ -77,6 +84,8 @@ class FishrPenalty:
         self.backend = backend
         self.reduce_moments = reduce_moments
         self.covariance = covariance
+        self.reduce_max = reduce_max
+        self.head_bias = head_bias
         self.ema_state_EP: Tensor | None = None
         self.num_updates = 0
 
@@ -133,9 +142,10 @@ class FishrPenalty:
                 statistic_EX = torch.cat([c.reshape(self.num_domains, -1) / c.shape[-1] for c in covariances], dim=1)
                 return statistic_EX, count_E, domains_N.shape[0] - count_E.sum()
             moments = self._moments(features_ND, logits_NC, targets, domains_N, head)
-            unassigned = domains_N.shape[0] - moments.count_E.sum()
             if self.reduce_moments is not None:
-                moments = self.reduce_moments(moments)
+                moments = self.reduce_moments(moments)  # counts and num_samples become global too
+            num_samples = moments.num_samples if moments.num_samples is not None else domains_N.shape[0]
+            unassigned = num_samples - moments.count_E.sum()
             return FF.domain_gradient_variance(moments, centered=self.centered), moments.count_E, unassigned
 
     def moments(
@@ -158,7 +168,7 @@ class FishrPenalty:
             grads_NP, _ = self._per_sample_gradients(features_ND, logits_NC, targets, head)
             return FF.per_sample_moments(grads_NP, domains_N, self.num_domains)
         delta_NC = FF.logit_gradients(logits_NC, targets, self.loss)
-        has_bias = head.bias is not None if head is not None else True
+        has_bias = head.bias is not None if head is not None else self.head_bias
         return FF.closed_form_moments(features_ND, delta_NC, domains_N, self.num_domains, bias=has_bias)
 
     def _per_sample_gradients(
@@ -170,7 +180,7 @@ class FishrPenalty:
                 raise FishrInputError("backend='backpack' needs the head module: pass head=... to the call.")
             grads_NP = FF.backpack_per_sample_gradients(head, features_ND, targets, self.loss)
             return grads_NP.to(features_ND.dtype), [p.numel() for p in (head.weight, head.bias) if p is not None]
-        has_bias = head.bias is not None if head is not None else True
+        has_bias = head.bias is not None if head is not None else self.head_bias
         delta_NC = FF.logit_gradients(logits_NC, targets, self.loss)
         C, D = delta_NC.shape[1], features_ND.shape[1]
         return FF.closed_form_per_sample_gradients(features_ND, delta_NC, bias=has_bias), [C * D] + ([C] if has_bias else [])
@@ -181,7 +191,15 @@ class FishrPenalty:
         self._check_shapes(features_ND, logits_NC, targets, domains_N)
         if self.num_domains is None:
             FF.domain_indicator(domains_N, 1, features_ND.dtype)  # refuses non-integer ids
-            self.num_domains = int(domains_N.max()) + 1
+            largest_id = domains_N.max()
+            if self.reduce_max is not None:  # every rank must agree on E, whatever its local batch holds
+                largest_id = self.reduce_max(largest_id)
+            self.num_domains = int(largest_id) + 1
+            if self.num_domains < 1:
+                raise FishrInputError(
+                    f"The first batch's largest domain id is {self.num_domains - 1}; domain ids index the "
+                    "training domains 0 .. num_domains-1. Re-number them, or pass num_domains=..."
+                )
         compute_dtype = torch.promote_types(features_ND.dtype, torch.float32)
         return features_ND.to(compute_dtype), logits_NC.to(compute_dtype)
 
@@ -192,6 +210,11 @@ class FishrPenalty:
         *counts, unassigned_count, is_finite = torch.cat([count_E.detach(), unassigned.detach()[None], finite[None]]).tolist()
         if unassigned_count:
             FF.check_domain_ids(domains_N, self.num_domains)
+            raise FishrInputError(  # the ids out of range are on another rank: every rank stops alike
+                f"{round(unassigned_count)} sample(s) of the global batch have a domain id outside [0, "
+                f"{self.num_domains}) on another process. Domain ids must index the training domains "
+                "0 .. num_domains-1: re-number them or pass the right num_domains."
+            )
         FF.check_domain_counts(counts)
         if not is_finite:
             raise FishrInputError(
@@ -219,10 +242,39 @@ class FishrPenalty:
                 "and domains must be a 1-D tensor of domain ids."
             )
 
+    def penalty_for_weight(
+        self,
+        weight: float,
+        features_ND: Tensor,
+        logits_NC: Tensor,
+        targets: Tensor,
+        domains_N: Tensor,
+        head: nn.Linear | None = None,
+    ) -> Tensor:
+        """The penalty ``P`` for a step whose weight is ``λ_t = weight``, with its graph only when ``weight > 0``.
+
+        During warm-up DomainBed adds ``0 · P``: the EMA still moves but no gradient flows, so the
+        closed form runs without a graph there (same numbers, no double-backward). With
+        ``weight > 0`` logits that carry no graph (computed under ``no_grad``) are refused: the
+        penalty would add nothing to the gradient.
+        """
+        if weight > 0 and not logits_NC.requires_grad:
+            raise FishrInputError(
+                f"The penalty weight is {weight} but the head's logits carry no autograd graph (the head ran "
+                "under torch.no_grad/inference_mode, or on detached tensors with frozen weights), so the "
+                "penalty would add no gradient. Run the head's forward with gradients enabled."
+            )
+        if weight > 0 or self.backend == "backpack":
+            value = self(features_ND, logits_NC, targets, domains_N, head=head)
+            return value if weight > 0 else value.detach()
+        with torch.no_grad():
+            return self(features_ND.detach(), logits_NC.detach(), targets, domains_N, head=head)
+
     def reset(self) -> None:
-        """Forget the EMA (a new run, or a different head)."""
+        """Start afresh (a new run, or a different head): forget the EMA and an inferred ``num_domains``."""
         self.ema_state_EP = None
         self.num_updates = 0
+        self.num_domains = self.requested_num_domains
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -47,8 +47,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from fishr_lightning import _glue
 from fishr_lightning import functional as FF
+from fishr_lightning import heads
 from fishr_lightning.functional import FishrInputError, LossName
 
 STATISTICS = ("hessian", "grad_variance")
@@ -166,7 +166,7 @@ class HessianAlignmentCallback(Callback):
         head: str | None = None,
         loss: LossName = "cross_entropy",
         num_domains: int | None = None,
-        targets_and_domains: _glue.TargetsAndDomains | None = None,
+        targets_and_domains: heads.TargetsAndDomains | None = None,
         plot_filename: str | None = "hessian_alignment.png",
         log_prefix: str = "hessian_alignment/",
     ) -> None:
@@ -181,7 +181,7 @@ class HessianAlignmentCallback(Callback):
         self.head = head
         self.loss: LossName = loss
         self.num_domains = num_domains
-        self.targets_and_domains = targets_and_domains or _glue.default_targets_and_domains
+        self.targets_and_domains = targets_and_domains or heads.default_targets_and_domains
         self.plot_filename = plot_filename
         self.log_prefix = log_prefix
         self.history: list[dict[str, float]] = []
@@ -196,7 +196,7 @@ class HessianAlignmentCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.head, self._head_module = _glue.resolve_head(pl_module, self.head)
+        self.head, self._head_module = heads.resolve_head(pl_module, self.head)
         self._hook = self._head_module.register_forward_hook(self._record_head_input)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

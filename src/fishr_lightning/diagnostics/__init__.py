@@ -1,0 +1,1 @@
+"""Diagnostics that measure Fishr's claims; not part of the penalty (they import Lightning)."""

@@ -1,0 +1,59 @@
+"""Cross-rank reductions for data-parallel Fishr (pure torch, ``torch.distributed``).
+
+Per-domain moments are sums, so ranks add theirs (differentiably) and every rank then holds the
+global batch's variances (DESIGN.md, "Under DDP"). Everything a check depends on (counts, samples
+with ids out of range, the inferred number of domains) is reduced too, so every rank takes the same
+decision and none raises while the others wait in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fishr_lightning.functional import HeadGradientMoments
+
+MomentsReduction = Callable[[HeadGradientMoments], HeadGradientMoments]
+MaxReduction = Callable[[Tensor], Tensor]
+
+
+def all_reduce_moments(moments: HeadGradientMoments) -> HeadGradientMoments:
+    """Sum the per-domain moments (and the sample count) over all ranks, differentiably, in one collective.
+
+    The collective's backward sums the gradient over ranks and DDP averages it, which together
+    give the single-process gradient.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    grad_sum_EP, grad_sq_sum_EP, count_E = moments.as_tuple()
+    E, P = grad_sum_EP.shape
+    num_samples = moments.num_samples if moments.num_samples is not None else count_E.sum()
+    parts = [grad_sum_EP.reshape(-1), grad_sq_sum_EP.reshape(-1), count_E.to(grad_sum_EP.dtype)]
+    flat = torch.cat(parts + [num_samples.to(grad_sum_EP.dtype).reshape(1)])
+    flat = all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    return HeadGradientMoments(
+        flat[: E * P].view(E, P), flat[E * P : 2 * E * P].view(E, P), flat[2 * E * P : -1], num_samples=flat[-1]
+    )
+
+
+def all_reduce_max(value: Tensor) -> Tensor:
+    """The maximum of ``value`` over all ranks (no gradient)."""
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value
+
+
+def is_distributed(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def distributed_reduction(world_size: int) -> MomentsReduction | None:
+    """``all_reduce_moments`` when running on several initialised ranks, else ``None``."""
+    return all_reduce_moments if is_distributed(world_size) else None
+
+
+def distributed_max(world_size: int) -> MaxReduction | None:
+    """``all_reduce_max`` when running on several initialised ranks, else ``None``."""
+    return all_reduce_max if is_distributed(world_size) else None

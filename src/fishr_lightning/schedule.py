@@ -1,0 +1,77 @@
+"""Fishr's schedule, for any training loop (pure torch): λ_t after warm-up, and the optimizer
+reset when the penalty switches on (DomainBed re-creates Adam there)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fishr_lightning.functional import FishrInputError
+
+
+def penalty_weight_at_step(step: int, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0) -> float:
+    """``λ_t``: 0 for ``t < warmup_steps``, then ``penalty_weight`` (reached linearly over
+    ``ramp_steps`` optimizer steps when ``ramp_steps > 0``)."""
+    if step < warmup_steps:
+        return 0.0
+    if ramp_steps > 0:
+        return penalty_weight * min(1.0, (step - warmup_steps + 1) / ramp_steps)
+    return penalty_weight
+
+
+def reset_optimizer_states(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Forget the optimizers' running statistics, as DomainBed's re-creation of Adam does when the
+    penalty switches on ("Adam may not like the sharp jump in gradient magnitudes")."""
+    for optimizer in optimizers:
+        optimizer.state.clear()
+
+
+class FishrSchedule:
+    """λ_t from the optimizer step, and the optimizer reset once, at the first step ``≥ warmup_steps``.
+
+    Args:
+        penalty_weight: λ once warm-up is over.
+        warmup_steps: optimizer steps with λ = 0.
+        ramp_steps: when > 0, λ grows linearly to ``penalty_weight`` over this many steps after warm-up.
+        reset_optimizer: clear the optimizers' state when the penalty switches on.
+
+    In a plain loop, call ``maybe_reset(step, optimizers)`` before each step's forward and multiply
+    the penalty by ``weight(step)``. ``step`` counts optimizer steps; it may advance by more than one
+    per batch (several optimizers, manual optimization): the reset still fires once.
+    """
+
+    def __init__(self, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0, reset_optimizer: bool = True) -> None:
+        if penalty_weight < 0 or warmup_steps < 0 or ramp_steps < 0:
+            raise FishrInputError(
+                f"penalty_weight, warmup_steps and penalty_ramp_steps must be >= 0, got "
+                f"{penalty_weight}, {warmup_steps}, {ramp_steps}."
+            )
+        self.penalty_weight = penalty_weight
+        self.warmup_steps = warmup_steps
+        self.ramp_steps = ramp_steps
+        self.reset_optimizer = reset_optimizer
+        self.last_reset_step: int | None = None
+
+    def weight(self, step: int) -> float:
+        return penalty_weight_at_step(step, self.penalty_weight, self.warmup_steps, self.ramp_steps)
+
+    def maybe_reset(self, step: int, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        """Reset at the first call with ``step ≥ warmup_steps`` (> 0), once per run: later
+        micro-batches of that step (gradient accumulation) and restarts do not reset again."""
+        due = self.reset_optimizer and self.warmup_steps > 0 and step >= self.warmup_steps
+        if due and self.last_reset_step is None:
+            reset_optimizer_states(optimizers)
+            self.last_reset_step = step
+            return True
+        return False
+
+    def reset(self) -> None:
+        """A new run: the optimizer reset is due again."""
+        self.last_reset_step = None
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {"last_reset_step": self.last_reset_step}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        self.last_reset_step = state.get("last_reset_step")
