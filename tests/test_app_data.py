@@ -9,9 +9,11 @@ import torch
 from data_factories import PACS_CLASSES, PACS_DOMAINS, synthetic_digits, write_mnist, write_pacs
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.data import DomainBatchSampler, DomainBedDataModule, split_indices
-from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains, rotated_mnist_domain
-from fishr_lightning.app.synthetic import SPURIOUS_AGREEMENT, synthetic_domains
+from fishr_lightning.app.data.datamodule import DomainBatchSampler, DomainBedDataModule, split_indices
+from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.mnist import rotated_mnist_domain
+from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.data.synthetic import SPURIOUS_AGREEMENT, synthetic_domains
 
 
 def test_splits_are_seeded_by_trial_seed_not_by_the_global_rng():

@@ -14,8 +14,8 @@ from data_factories import write_mnist, write_pacs
 from hydra.core.global_hydra import GlobalHydra
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.backbones import ResNetFeaturizer
-from fishr_lightning.app.train import main
+from fishr_lightning.app.training.backbones import ResNetFeaturizer
+from fishr_lightning.app.training.run import main
 
 FAST = ["trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv"]
 SMALL_SYNTHETIC = ["dataset.samples_per_domain=200", "batch_size=8"]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fishr_lightning.app import collect
+from fishr_lightning.app.reporting import collect
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Small enough for CPU tests; these overrides become part of every run directory's name.

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from fishr_lightning.app.datasets import MultiDomainData
-from fishr_lightning.app.hparams import seed_hash
+from fishr_lightning.app.data.specs import MultiDomainData
+from fishr_lightning.app.seeding import seed_hash
 
 
 def split_indices(length: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -21,16 +21,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from fishr_lightning.app.collect import RESULTS_FILE, read_run
+from fishr_lightning.app.reporting.records import RESULTS_FILE, read_records
 
 # Metrics logged by other callbacks that DomainBed records under another name.
 LOGGED_LOSS_TERMS = {"fishr/penalty": "penalty"}
-
-
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's records so far; a line cut short by a killed run is left out, so that it can resume."""
-    path = Path(run_dir) / RESULTS_FILE
-    return read_run(path, strict=False) if path.exists() else []
 
 
 class DomainBedResults(Callback):

@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
-from fishr_lightning.app.collect import DONE_FILE
-from fishr_lightning.app.data import DomainBedDataModule
-from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains
-from fishr_lightning.app.hparams import ALGORITHMS, hparams_for, registry
-from fishr_lightning.app.module import DomainClassifier
-from fishr_lightning.app.results import DomainBedResults, EvaluateAtLastStep, read_records
+from fishr_lightning.app.data.datamodule import DomainBedDataModule
+from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.reporting.records import DONE_FILE, read_records
+from fishr_lightning.app.reporting.results import DomainBedResults, EvaluateAtLastStep
+from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
+from fishr_lightning.app.training.module import DomainClassifier
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
 
