@@ -3,7 +3,7 @@
 The same Hydra app as the console script ``fishr-train``; see README.md, "The training app".
 """
 
-from fishr_lightning.app.train import main
+from fishr_lightning.app.training.run import main
 
 if __name__ == "__main__":
     main()

@@ -179,7 +179,7 @@ def data_pipeline_images_per_second(num_workers: int, image_size: int, images: i
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    from fishr_lightning.app.datasets import train_image_transform
+    from fishr_lightning.app.data.image_folders import train_image_transform
 
     with tempfile.TemporaryDirectory() as root:
         g = torch.Generator().manual_seed(0)

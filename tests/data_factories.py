@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 
 # torchvision.datasets.MNIST reads these four files from <root>/MNIST/raw/.
 MNIST_FILES = {
@@ -93,3 +94,15 @@ def zip_tree(source: Path, archive: Path, prefix: str) -> Path:
             if path.is_file():
                 zf.write(path, f"{prefix}/{path.relative_to(source).as_posix()}")
     return archive
+
+
+class InterruptAfter(Callback):
+    """A Lightning callback (``+callbacks.stop._target_=data_factories.InterruptAfter``) that kills the
+    run after ``updates`` updates, as a node failure would: the run stops with an error, unfinished."""
+
+    def __init__(self, updates: int) -> None:
+        self.updates = updates
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.updates:
+            raise RuntimeError(f"killed after {self.updates} updates (a test's simulated failure)")

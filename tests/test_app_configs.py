@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from fishr_lightning.app.datasets import dataset_spec
-from fishr_lightning.app.train import CONFIG_MODULE
+from fishr_lightning.app.data.specs import dataset_spec
+from fishr_lightning.app.training.run import CONFIG_MODULE
 
 DATASETS = [
     "synthetic",
@@ -76,7 +76,7 @@ def test_every_dataset_backbone_algorithm_composes(dataset, backbone, algorithm)
     assert cfg.steps == cfg.dataset.steps and cfg.checkpoint_freq == cfg.dataset.checkpoint_freq
     spec = dataset_spec(cfg.dataset.name)  # every dataset config names a dataset the app knows
     assert spec.num_classes >= 2
-    assert cfg.backbone._target_.startswith("fishr_lightning.app.backbones.")
+    assert cfg.backbone._target_.startswith("fishr_lightning.app.training.backbones.")
     assert cfg.algorithm.name == {"erm": "ERM", "fishr": "Fishr"}[algorithm]
     if algorithm == "fishr":
         assert cfg.algorithm.callbacks.fishr._target_ == "fishr_lightning.FishrCallback"

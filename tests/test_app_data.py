@@ -9,9 +9,11 @@ import torch
 from data_factories import PACS_CLASSES, PACS_DOMAINS, synthetic_digits, write_mnist, write_pacs
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.data import DomainBatchSampler, DomainBedDataModule, split_indices
-from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains, rotated_mnist_domain
-from fishr_lightning.app.synthetic import SPURIOUS_AGREEMENT, synthetic_domains
+from fishr_lightning.app.data.datamodule import DomainBatchSampler, DomainBedDataModule, split_indices
+from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.mnist import rotated_mnist_domain
+from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.data.synthetic import SPURIOUS_AGREEMENT, synthetic_domains
 
 
 def test_splits_are_seeded_by_trial_seed_not_by_the_global_rng():
@@ -66,13 +68,60 @@ def test_batches_depend_on_the_step_only_so_a_resumed_run_sees_the_same_ones():
     assert all(all(i < 10 for i in b[:3]) and all(10 <= i < 30 for i in b[3:]) for b in uninterrupted)
 
 
-def test_every_domains_in_and_out_split_is_evaluated():
+def test_processes_share_each_domains_draw_so_together_they_see_the_one_process_batch():
+    one = list(DomainBatchSampler([10, 20], batch_size=4, total_steps=5, seed=3))
+    ranks = [list(DomainBatchSampler([10, 20], batch_size=4, total_steps=5, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    for step, batch in enumerate(one):
+        rank0, rank1 = ranks[0][step], ranks[1][step]
+        assert len(rank0) == len(rank1) == 4  # 2 samples of each of the 2 domains per process
+        assert rank0[:2] + rank1[:2] == batch[:4] and rank0[2:] + rank1[2:] == batch[4:]
+
+
+def test_a_batch_the_processes_cannot_share_equally_is_refused():
+    with pytest.raises(AppError, match=r"batch_size=5 .* 2 processes"):
+        DomainBatchSampler([10, 20], batch_size=5, total_steps=5, seed=0, world_size=2)
+
+
+def test_every_domains_in_and_out_split_is_evaluated_and_processes_split_them_without_repeats():
     datamodule = small_synthetic_module()
-    loaders = datamodule.val_dataloader()
+    loaders = datamodule.eval_dataloaders(step=0)
     assert datamodule.eval_names == ["env0_in", "env1_in", "env2_in", "env0_out", "env1_out", "env2_out"]
+    assert [split.name for split in datamodule.eval_splits()] == datamodule.eval_names
     assert [len(loader.dataset) for loader in loaders] == [40, 40, 40, 10, 10, 10]
     x, y = next(iter(loaders[0]))
     assert x.shape[1:] == (16,) and y.dtype == torch.long
+    # 3 processes: every sample of every split once, none padded or repeated.
+    shards = [datamodule.eval_dataloaders(step=0, rank=rank, world_size=3) for rank in range(3)]
+    for index, loader in enumerate(loaders):
+        everything = torch.cat([x for x, _ in loader])
+        parts = torch.cat([x for rank in range(3) for x, _ in shards[rank][index]])
+        assert len(parts) == len(everything)
+        assert sorted(map(tuple, parts.tolist())) == sorted(map(tuple, everything.tolist()))
+
+
+def pacs_module(tmp_path, eval_augmentation):
+    data = load_domains("PACS", write_pacs(tmp_path, images_per_class=2), image_size=24)
+    return DomainBedDataModule(
+        data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5, eval_augmentation=eval_augmentation
+    )
+
+
+def first_eval_batches(datamodule, step):
+    return [next(iter(loader))[0] for loader in datamodule.eval_dataloaders(step=step)]
+
+
+def test_training_domains_are_evaluated_through_the_training_augmentation_reproducibly(tmp_path):
+    augmented, clean = pacs_module(tmp_path / "a", True), pacs_module(tmp_path / "b", False)
+    at_step_3, again_at_3, at_step_6 = (first_eval_batches(augmented, step) for step in (3, 3, 6))
+    clean_batches = first_eval_batches(clean, 3)
+    names = augmented.eval_names
+    for name, aug, aug_again, later, plain in zip(names, at_step_3, again_at_3, at_step_6, clean_batches):
+        if name.startswith("env3_"):  # the test domain: never augmented
+            assert torch.equal(aug, plain) and torch.equal(later, plain), name
+        else:  # DomainBed: the training domains' in and out splits carry the augmentation
+            assert not torch.equal(aug, plain), name
+            assert torch.equal(aug, aug_again), name  # the same draw when the step is the same
+            assert not torch.equal(aug, later), name  # another draw at another step
 
 
 def test_synthetic_spurious_feature_agrees_with_the_label_as_designed_and_reverses_in_domain_0():
@@ -118,11 +167,12 @@ def test_rotated_mnist_rotates_each_image_as_domainbed_does():
 
     images, digits = synthetic_digits(8, seed=0)
     images_N28x28 = torch.from_numpy(images)
-    # DomainBed's RotatedMNIST.rotate_dataset: PIL image, bicubic rotation with zero fill, to a float tensor.
+    # DomainBed's RotatedMNIST.rotate_dataset (since April 2021, and the Fishr authors' fork): PIL image,
+    # bilinear rotation with zero fill, to a float tensor.
     domainbed_rotation = transforms.Compose(
         [
             transforms.ToPILImage(),
-            transforms.Lambda(lambda image: TF.rotate(image, 30, interpolation=InterpolationMode.BICUBIC, fill=0)),
+            transforms.Lambda(lambda image: TF.rotate(image, 30, interpolation=InterpolationMode.BILINEAR, fill=0)),
             transforms.ToTensor(),
         ]
     )
@@ -130,6 +180,8 @@ def test_rotated_mnist_rotates_each_image_as_domainbed_does():
     domain = rotated_mnist_domain(images_N28x28, torch.from_numpy(digits), 30)
     torch.testing.assert_close(torch.stack([domain[i][0] for i in range(8)]), expected, rtol=0, atol=0)
     assert [int(domain[i][1]) for i in range(8)] == digits.tolist()
+    bicubic = TF.rotate(transforms.ToPILImage()(images_N28x28[0]), 30, interpolation=InterpolationMode.BICUBIC, fill=0)
+    assert not torch.equal(transforms.ToTensor()(bicubic), expected[0])  # the test tells the two filters apart
 
 
 @pytest.mark.parametrize(

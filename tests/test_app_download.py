@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from data_factories import PACS_CLASSES, PACS_DOMAINS, write_image_folder, write_mnist, zip_tree
 
-from fishr_lightning.app import download
-from fishr_lightning.app.datasets import load_domains
+from fishr_lightning.app.data import download
+from fishr_lightning.app.data.domains import load_domains
 
 
 def serve(monkeypatch, archives: dict[str, Path]) -> list[str]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fishr_lightning.app import hparams as registry_module
-from fishr_lightning.app.hparams import default_hparams, hparams_for, random_hparams, seed_hash
+from fishr_lightning.app.training import hparams as registry_module
+from fishr_lightning.app.training.hparams import default_hparams, hparams_for, random_hparams, seed_hash
 
 
 def test_seed_hash_is_domainbeds_md5_of_the_arguments():

@@ -14,8 +14,8 @@ from data_factories import write_mnist, write_pacs
 from hydra.core.global_hydra import GlobalHydra
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.backbones import ResNetFeaturizer
-from fishr_lightning.app.train import main
+from fishr_lightning.app.training.backbones import ResNetFeaturizer
+from fishr_lightning.app.training.run import load_model, main
 
 FAST = ["trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv"]
 SMALL_SYNTHETIC = ["dataset.samples_per_domain=200", "batch_size=8"]
@@ -44,11 +44,12 @@ def assert_domainbed_records(run_dir: Path, num_domains: int, steps: list[int], 
     for record in written:
         for env in range(num_domains):
             assert 0.0 <= record[f"env{env}_in_acc"] <= 1.0 and 0.0 <= record[f"env{env}_out_acc"] <= 1.0
-        assert record["loss"] > 0 and record["nll"] > 0 and record["epoch"] > 0
+        assert record["loss"] > 0 and record["nll"] > 0 and record["epoch"] >= 0
         assert record["args"]["dataset"] == dataset and record["args"]["algorithm"] == algorithm
-        assert {"test_envs", "hparams_seed", "trial_seed", "seed"} <= set(record["args"])
+        assert {"test_envs", "hparams_seed", "trial_seed", "seed", "world_size", "eval_augmentation"} <= set(record["args"])
         assert {"lr", "batch_size", "weight_decay", "resnet_dropout"} <= set(record["hparams"])
-    assert (run_dir / "done").exists() and (run_dir / "model.ckpt").exists()
+    assert (run_dir / "done").exists() and (run_dir / "model.pt").exists()
+    assert not (run_dir / "model.ckpt").exists() and not (run_dir / "checkpoints").exists()
 
 
 def test_synthetic_fishr_run_writes_domainbed_records_with_the_penalty(monkeypatch, tmp_path, capsys):
@@ -64,13 +65,14 @@ def test_synthetic_fishr_run_writes_domainbed_records_with_the_penalty(monkeypat
         "+hparams.lambda=10",
     )
     assert status == 0
-    assert_domainbed_records(run_dir, 3, [4, 6], "Synthetic", "Fishr")
+    assert_domainbed_records(run_dir, 3, [0, 4, 5], "Synthetic", "Fishr")
     last = records(run_dir)[-1]
     assert last["penalty"] >= 0 and last["loss"] > last["nll"]  # λ·P is in the objective after warm-up
     assert last["hparams"]["lambda"] == 10 and last["hparams"]["batch_size"] == 8
     assert last["args"]["test_envs"] == [0]
     out = capsys.readouterr().out
     assert "0: -90%" in out and "test" in out and "train" in out  # the per-domain summary
+    assert "Fishr: test-domain accuracy -90% " in out and "algorithm=erm" in out
 
 
 def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
@@ -79,6 +81,7 @@ def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
         monkeypatch,
         run_dir,
         "dataset=pacs",
+        "algorithm=erm",
         f"data_dir={data_dir}",
         "backbone=resnet18",
         "backbone.pretrained=false",
@@ -91,7 +94,7 @@ def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
         "test_envs=[3]",
     )
     assert status == 0
-    assert_domainbed_records(run_dir, 4, [1, 2], "PACS", "ERM")
+    assert_domainbed_records(run_dir, 4, [0, 1], "PACS", "ERM")
     assert records(run_dir)[-1]["args"]["test_envs"] == [3] and records(run_dir)[-1]["hparams"]["resnet18"] is True
 
 
@@ -109,37 +112,119 @@ def test_colored_mnist_idx_files_run_with_mnist_cnn(monkeypatch, tmp_path):
         "+hparams.penalty_anneal_iters=0",
     )
     assert status == 0
-    assert_domainbed_records(run_dir, 3, [2], "ColoredMNIST", "Fishr")
+    assert_domainbed_records(run_dir, 3, [0, 1], "ColoredMNIST", "Fishr")
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_from_ckpt_path_continues_the_same_run(monkeypatch, tmp_path):
+def accuracies(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k.endswith("_acc")} for r in records(run_dir)]
+
+
+def test_resume_after_a_failure_continues_the_same_run(monkeypatch, tmp_path):
     options = [
         "algorithm=fishr",
         *SMALL_SYNTHETIC,
+        "steps=9",
         "checkpoint_freq=3",
         "+hparams.penalty_anneal_iters=2",
         "+hparams.lambda=10",
     ]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    assert run_app(monkeypatch, uninterrupted, *options, "steps=9") == 0
-    assert run_app(monkeypatch, interrupted, *options, "steps=6") == 0
+    assert run_app(monkeypatch, uninterrupted, *options) == 0
+    # Killed after 6 updates: records 0 and 3 written, the checkpoint of update 4 (after the record of 3) kept.
+    killed = ["+callbacks.stop._target_=data_factories.InterruptAfter", "+callbacks.stop.updates=6"]
+    assert run_app(monkeypatch, interrupted, *options, *killed) != 0
+    assert not (interrupted / "done").exists() and (interrupted / "checkpoints" / "last.ckpt").exists()
+    assert [r["step"] for r in records(interrupted)] == [0, 3]
     with (interrupted / "results.jsonl").open("a") as results_file:
-        results_file.write('{"step": 7, "env0_in')  # killed while writing a record
-    assert (
-        run_app(monkeypatch, interrupted, *options, "steps=9", f"ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}")
-        == 0
-    )
+        results_file.write('{"step": 5, "env0_in')  # killed while writing a record
+    assert run_app(monkeypatch, interrupted, *options, "ckpt_path=last") == 0
     expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], msg=name)
-    accuracies = lambda run: [{k: v for k, v in r.items() if k.endswith("_acc")} for r in records(run)]
-    assert [r["step"] for r in records(interrupted)] == [3, 6, 9]
+    assert [r["step"] for r in records(interrupted)] == [0, 3, 6, 8]
     assert accuracies(interrupted) == accuracies(uninterrupted)
+    assert (interrupted / "done").exists() and not (interrupted / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("steps", "checkpoint_freq", "labels"),
+    [(10, 5, [0, 5, 9]), (6, 3, [0, 3, 5]), (7, 3, [0, 3, 6]), (1, 5, [0]), (4, 1, [0, 1, 2, 3]), (5, 10, [0, 4])],
+)
+def test_records_carry_domainbeds_step_labels(monkeypatch, tmp_path, steps, checkpoint_freq, labels):
+    """DomainBed's train.py: ``for step in range(steps)``, one update, then a record when
+    ``step % checkpoint_freq == 0 or step == steps - 1``, labelled ``step``: ``steps`` updates."""
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, f"steps={steps}", f"checkpoint_freq={checkpoint_freq}") == 0
+    written = records(run_dir)
+    assert [r["step"] for r in written] == labels
+    assert written[-1]["epoch"] == pytest.approx(labels[-1] / (160 / 8))  # smallest in split / batch_size
+    updates = torch.load(run_dir / "model.pt", weights_only=True)["step"] + 1
+    assert updates == steps
+
+
+def test_the_dataset_defaults_give_domainbeds_5001_updates():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="fishr_lightning.app.configs", version_base="1.3"):
+        for dataset in ("colored_mnist", "rotated_mnist", "vlcs", "pacs", "office_home", "terra_incognita", "domain_net"):
+            cfg = compose("train", overrides=[f"dataset={dataset}"])
+            assert cfg.steps == 5001, dataset
+
+
+@pytest.mark.parametrize(("mode", "files"), [("weights", {"model.pt"}), ("full", {"model.ckpt"}), ("none", set())])
+def test_save_model_keeps_one_copy_of_the_weights_or_none(monkeypatch, tmp_path, mode, files):
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=3", "checkpoint_freq=2", f"save_model={mode}") == 0
+    kept = {path.name for path in run_dir.iterdir() if path.suffix in (".pt", ".ckpt", ".pkl")}
+    assert kept == files and not (run_dir / "checkpoints").exists()
+    assert records(run_dir)[-1]["args"]["save_model"] == mode
+
+
+def test_model_pt_rebuilds_the_trained_module(monkeypatch, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=3", "checkpoint_freq=2") == 0
+    module = load_model(run_dir / "model.pt")
+    from fishr_lightning.app.data.synthetic import synthetic_domains
+
+    x, y = synthetic_domains(seed=0, samples_per_domain=200).domains[0].tensors
+    with torch.no_grad():
+        accuracy = (module(x).argmax(dim=1) == y).float().mean().item()
+    # The records' env0 accuracy is over env0's in and out splits, which together are the whole domain.
+    last = records(run_dir)[-1]
+    expected = (last["env0_in_acc"] * 160 + last["env0_out_acc"] * 40) / 200
+    assert accuracy == pytest.approx(expected, abs=1e-6)
+
+
+def test_eval_augmentation_changes_only_the_training_domains_accuracies(monkeypatch, tmp_path):
+    """A transform that changes predictions (the training augmentation of a random network) makes the
+    training domains' accuracies differ between the two settings; the test domain's stays."""
+    data_dir = write_pacs(tmp_path / "data", images_per_class=4, size=20)
+    options = [
+        "dataset=pacs",
+        f"data_dir={data_dir}",
+        "backbone=resnet18",
+        "backbone.pretrained=false",
+        "dataset.image_size=32",
+        "batch_size=2",
+        "steps=1",
+        "loader.num_workers=0",
+        "test_envs=[3]",
+    ]
+    runs = {}
+    for setting in ("true", "false"):
+        run_dir = tmp_path / setting
+        assert run_app(monkeypatch, run_dir, *options, f"eval_augmentation={setting}") == 0
+        runs[setting] = records(run_dir)[-1]
+        assert runs[setting]["args"]["eval_augmentation"] is (setting == "true")
+    augmented, clean = runs["true"], runs["false"]
+    assert augmented["env3_in_acc"] == clean["env3_in_acc"] and augmented["env3_out_acc"] == clean["env3_out_acc"]
+    training_splits = [f"env{env}_{split}_acc" for env in (0, 1, 2) for split in ("in", "out")]
+    assert [augmented[name] for name in training_splits] != [clean[name] for name in training_splits]
 
 
 def test_a_finished_run_is_skipped(monkeypatch, tmp_path, capsys):
@@ -224,6 +309,8 @@ def test_a_missing_checkpoint_is_refused_and_leaves_a_finished_run_finished(monk
         ("+hparams.lamda=100", "hparams.lamda is not a hyperparameter of the registry; on Synthetic they are"),
         ("+hparams.class_balanced=true", "hparams.class_balanced=True is not supported: the app draws"),
         ("batch_size=abc", "batch_size=abc: it is the number of samples per training domain"),
+        ("save_model=all", "save_model=all: choose weights"),
+        ("progress.every=-1", "progress.every=-1: the steps between progress lines"),
     ],
 )
 def test_out_of_range_options_exit_with_one_line_and_no_run(monkeypatch, tmp_path, capsys, override, needle):

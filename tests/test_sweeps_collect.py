@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fishr_lightning.app import collect, model_selection
-from fishr_lightning.app.model_selection import (
+from fishr_lightning.app.reporting import collect, model_selection
+from fishr_lightning.app.reporting.model_selection import (
     LEAVE_ONE_DOMAIN_OUT,
     TEST_DOMAIN_VALIDATION,
     TRAINING_DOMAIN_VALIDATION,

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fishr_lightning.app import collect
+from fishr_lightning.app.reporting import collect
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Small enough for CPU tests; these overrides become part of every run directory's name.
@@ -65,13 +65,13 @@ def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
     for run_dir in run_dirs:
         assert (run_dir / "done").exists()
         records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-        assert [record["step"] for record in records] == [2, 4]
+        assert [record["step"] for record in records] == [0, 2, 3]
         assert records[0]["args"]["dataset"] == "Synthetic" and records[0]["args"]["test_envs"] == [0]
 
     assert collect.main([str(sweep_dir), "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     print(out, file=sys.stderr)  # the table, for whoever reads the test log
-    assert "Complete runs: 8 (16 records)." in out and "Incomplete" not in out
+    assert "Complete runs: 8 (24 records)." in out and "Incomplete" not in out
     header = "| Algorithm | -90% | +90% | +80% | Avg |"
     cell = r"\d+\.\d ± \d+\.\d"
     for heading in ("training-domain validation set", "test-domain validation set (oracle)"):
@@ -91,5 +91,5 @@ def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
     relaunched = launch_tiny_sweep(sweep_dir)
     assert relaunched.stdout.count("holds a finished run (done); skipping it") == 7
     assert (unfinished / "done").exists()
-    assert [json.loads(line)["step"] for line in (unfinished / "results.jsonl").read_text().splitlines()] == [2, 4]
+    assert [json.loads(line)["step"] for line in (unfinished / "results.jsonl").read_text().splitlines()] == [0, 2, 3]
     assert results_before == {run_dir: (run_dir / "results.jsonl").read_text() for run_dir in results_before}

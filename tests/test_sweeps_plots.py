@@ -6,8 +6,8 @@ from pathlib import Path
 
 from test_sweeps_collect import TOY_RUNS, make_record, toy_records, write_run
 
-from fishr_lightning.app import collect, plots
-from fishr_lightning.app.model_selection import MeanAndError, ResultsTable
+from fishr_lightning.app.reporting import collect, plots
+from fishr_lightning.app.reporting.model_selection import MeanAndError, ResultsTable
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fishr_lightning.app.model_selection import Record, ResultsTable, environment_count
+from fishr_lightning.app.reporting.model_selection import Record, ResultsTable, environment_count
 
 if TYPE_CHECKING:
-    from fishr_lightning.app.collect import MethodTables, Sweep
+    from fishr_lightning.app.reporting.model_selection import MethodTables
+    from fishr_lightning.app.reporting.records import Sweep
 
 # The record key of the penalty, in DomainBed's records (its Fishr) and ours (results.py).
 PENALTY_KEY = "penalty"

@@ -10,11 +10,12 @@ draw here equals DomainBed's for the same names and seeds.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from fishr_lightning.app.seeding import seed_hash
 
 # DomainBed's small-image datasets (the embedded synthetic one counts as small: an MLP on vectors).
 SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
@@ -22,11 +23,6 @@ SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
 Sampler = Callable[[np.random.RandomState], Any]
 
 ALGORITHMS = ("ERM", "Fishr")  # DomainBed's names of the algorithms with registered hyperparameters
-
-
-def seed_hash(*args: Any) -> int:
-    """An integer seed from any arguments, stable across runs and machines (DomainBed's ``misc.seed_hash``)."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
 
 
 def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:

@@ -1,5 +1,6 @@
 """The app's LightningModule: DomainBed's ERM. Fishr is this same module plus ``FishrCallback``
-(``configs/algorithm/fishr.yaml``): the module knows nothing of Fishr."""
+(``configs/algorithm/fishr.yaml``): the module knows nothing of Fishr. Evaluation, on DomainBed's
+schedule, is ``training/evaluation.py``'s callback."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 
 class DomainClassifier(pl.LightningModule):
     """``featurizer → dropout → classifier``, trained with cross-entropy on batches ``(x, y, domain)``
-    that hold one minibatch from each training domain; validation measures the accuracy of every
-    evaluation loader (``eval_names[i]``, e.g. ``env0_in``) and logs it as ``{name}_acc``.
+    that hold one minibatch from each training domain.
 
     Args:
         featurizer: a module mapping inputs to ``[N, featurizer.n_outputs]`` features.
         num_classes: classes of the dataset.
-        eval_names: the names of the validation loaders, in order.
         dropout: dropout on the features, before the head (DomainBed's ``resnet_dropout``).
         lr, weight_decay: Adam's (DomainBed's optimizer for ERM and Fishr).
     """
@@ -29,7 +27,6 @@ class DomainClassifier(pl.LightningModule):
         self,
         featurizer: nn.Module,
         num_classes: int,
-        eval_names: list[str],
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -39,10 +36,6 @@ class DomainClassifier(pl.LightningModule):
         self.featurizer = featurizer
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(featurizer.n_outputs, num_classes)
-        self.eval_names = list(eval_names)
-        self.eval_accuracies = nn.ModuleList(
-            MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in self.eval_names
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.dropout(self.featurizer(x)))
@@ -52,19 +45,6 @@ class DomainClassifier(pl.LightningModule):
         nll = F.cross_entropy(self(x), y_N)
         self.log("train/nll", nll, prog_bar=True, batch_size=len(y_N))
         return {"loss": nll, "nll": nll.detach()}
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y_N = batch
-        accuracy = self.eval_accuracies[dataloader_idx]
-        accuracy.update(self(x).argmax(dim=1), y_N)
-        self.log(
-            f"{self.eval_names[dataloader_idx]}_acc",
-            accuracy,
-            on_step=False,
-            on_epoch=True,
-            add_dataloader_idx=False,
-            batch_size=len(y_N),
-        )
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -2,13 +2,16 @@
 as a Hydra app over Lightning. The configs are ``configs/`` at the repository root, installed as
 ``fishr_lightning.app.configs``.
 
-A run directory holds ``results.jsonl`` (DomainBed's records), ``model.ckpt`` (the final
-checkpoint), ``checkpoints/last.ckpt`` (for resuming) and ``done`` once finished; a run whose
-directory holds ``done`` is skipped, so a re-launched sweep only trains what is missing.
+A run directory holds ``results.jsonl`` (DomainBed's records), ``checkpoints/last.ckpt`` while it
+runs (for resuming; removed once finished), the final model as ``save_model`` says (``model.pt``,
+the weights: default; ``model.ckpt``, a full resumable checkpoint; or nothing) and ``done`` once
+finished; a run whose directory holds ``done`` is skipped, so a re-launched sweep only trains what
+is missing.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,19 +23,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
-from fishr_lightning.app.collect import DONE_FILE
-from fishr_lightning.app.data import DomainBedDataModule
-from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains
-from fishr_lightning.app.hparams import ALGORITHMS, hparams_for, registry
-from fishr_lightning.app.module import DomainClassifier
-from fishr_lightning.app.results import DomainBedResults, EvaluateAtLastStep, read_records
+from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
+from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.reporting.records import DONE_FILE, read_records
+from fishr_lightning.app.reporting.results import RecordWriter
+from fishr_lightning.app.training.evaluation import DomainBedEvaluation
+from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
+from fishr_lightning.app.training.module import DomainClassifier
+from fishr_lightning.app.training.progress import ProgressLines
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
+RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+SAVE_MODEL_CHOICES = ("weights", "full", "none")
+WEIGHTS_FILE = "model.pt"
+FULL_CHECKPOINT_FILE = "model.ckpt"
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -110,6 +120,8 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "uda_holdout_fraction": 0,
         "backbone": config_choice("backbone") or cfg.backbone._target_.rsplit(".", 1)[-1],
         "ckpt_path": cfg.ckpt_path,
+        "eval_augmentation": cfg.eval_augmentation,
+        "save_model": cfg.save_model,
     }
 
 
@@ -161,65 +173,112 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         if cfg.loader.pin_memory is None
         else cfg.loader.pin_memory,
         persistent_workers=cfg.loader.persistent_workers,
+        eval_augmentation=cfg.eval_augmentation,
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
+
+    progress_bar = cfg.trainer.get("enable_progress_bar")
+    if progress_bar is None:
+        progress_bar = sys.stdout.isatty()
+    evaluation = DomainBedEvaluation(
+        datamodule,
+        RecordWriter(run_dir, hparams=hparams, args=run_args(cfg, run_dir, test_envs)),
+        steps=cfg.steps,
+        checkpoint_freq=cfg.checkpoint_freq,
+        steps_per_epoch=datamodule.steps_per_epoch,
+        resume_checkpoint=run_dir / RESUME_CHECKPOINT,
+    )
+    callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), evaluation]
+    if not progress_bar and cfg.progress.every:
+        callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
+    callbacks += instantiate_callbacks(cfg.callbacks)
+    trainer = instantiate_trainer(
+        cfg.trainer,
+        max_steps=cfg.steps,
+        max_epochs=-1,
+        limit_val_batches=0,  # evaluation is DomainBedEvaluation's, on DomainBed's steps
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # DomainBatchSampler draws each rank's share itself
+        enable_checkpointing=False,  # DomainBedEvaluation saves the resume checkpoint after each record
+        enable_progress_bar=progress_bar,
+        callbacks=callbacks,
+        logger=instantiate(cfg.logger, save_dir=str(run_dir)),
+        default_root_dir=str(run_dir),
+    )
+    check_batch_divides(hparams["batch_size"], trainer.world_size)
+    evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(run_dir / RESUME_CHECKPOINT) if (run_dir / RESUME_CHECKPOINT).is_file() else None
+    (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    records = read_records(run_dir)
+    # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
+    finished = bool(records) and records[-1]["step"] == cfg.steps - 1
+    save_model(trainer, module, run_dir, cfg.save_model, backbone, data.input_shape, spec.num_classes, records)
+    if trainer.is_global_zero:
+        if finished:
+            (run_dir / DONE_FILE).write_text("done")
+            shutil.rmtree(run_dir / RESUME_CHECKPOINT.parent, ignore_errors=True)  # a finished run needs no resume
+        if records:
+            print(summary(records[-1], spec.environments, test_envs, cfg.algorithm.name))
+    return records[-1] if records else None
+
+
+def build_module(backbone: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, hparams: dict[str, Any]):
+    backbone = dict(backbone)
     dropout = backbone.pop("dropout", 0.0)
-    featurizer = instantiate(backbone, input_shape=data.input_shape)
-    module = DomainClassifier(
+    featurizer = instantiate(backbone, input_shape=input_shape)
+    return DomainClassifier(
         featurizer,
-        num_classes=spec.num_classes,
-        eval_names=datamodule.eval_names,
+        num_classes=num_classes,
         dropout=dropout,
         lr=hparams["lr"],
         weight_decay=hparams["weight_decay"],
     )
 
-    results = DomainBedResults(
-        run_dir,
-        hparams=hparams,
-        args=run_args(cfg, run_dir, test_envs),
-        steps_per_epoch=datamodule.steps_per_epoch,
-        num_domains=len(spec.environments),
-    )
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step}",
-        every_n_train_steps=cfg.checkpoint_freq,
-        save_last=True,
-        save_top_k=0,
-    )
-    callbacks = [
-        *instantiate_callbacks(cfg.algorithm.callbacks),
-        results,
-        EvaluateAtLastStep(cfg.steps),
-        checkpoints,
-        *instantiate_callbacks(cfg.callbacks),
-    ]
-    trainer = instantiate_trainer(
-        cfg.trainer,
-        max_steps=cfg.steps,
-        max_epochs=-1,
-        val_check_interval=cfg.checkpoint_freq,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # DomainBatchSampler draws each rank's batches itself
-        callbacks=callbacks,
-        logger=instantiate(cfg.logger, save_dir=str(run_dir)),
-        default_root_dir=str(run_dir),
-    )
-    (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
-    # On every rank: Trainer.save_checkpoint ends with a barrier (rank 0 alone would wait forever).
-    trainer.save_checkpoint(run_dir / "model.ckpt", weights_only=False)  # resumable, like last.ckpt
-    records = read_records(run_dir)
-    if trainer.is_global_zero:
-        # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
-        if records and records[-1]["step"] >= cfg.steps:
-            (run_dir / DONE_FILE).write_text("done")
-        if records:
-            print(summary_table(records[-1], spec.environments, test_envs))
-    return records[-1] if records else None
+def save_model(
+    trainer: pl.Trainer,
+    module: DomainClassifier,
+    run_dir: Path,
+    mode: str,
+    backbone: dict[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    records: list[dict[str, Any]],
+) -> None:
+    """``weights``: ``model.pt``, the module's weights and what rebuilds it (``load_model``), as
+    DomainBed's ``model.pkl``; ``full``: ``model.ckpt``, resumable (optimizer, Fishr's EMA); ``none``."""
+    if mode == "full":
+        trainer.save_checkpoint(run_dir / FULL_CHECKPOINT_FILE, weights_only=False)  # on every rank (barrier)
+    elif mode == "weights" and trainer.is_global_zero:
+        last = records[-1] if records else {}
+        torch.save(
+            {
+                "state_dict": {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()},
+                "backbone": backbone,
+                "input_shape": list(input_shape),
+                "num_classes": num_classes,
+                "hparams": last.get("hparams", {}),
+                "args": last.get("args", {}),
+                "step": last.get("step"),
+            },
+            run_dir / WEIGHTS_FILE,
+        )
+
+
+def load_model(path: str | Path) -> DomainClassifier:
+    """The trained module from a run's ``model.pt`` (``save_model=weights``), in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = dict(saved["backbone"])
+    if "pretrained" in backbone:
+        backbone["pretrained"] = False  # the weights come from the file
+    module = build_module(backbone, tuple(saved["input_shape"]), saved["num_classes"], saved["hparams"])
+    module.load_state_dict(saved["state_dict"])
+    return module.eval()
 
 
 def is_positive_int(value: Any) -> bool:
@@ -231,6 +290,15 @@ def check_run_options(cfg: DictConfig) -> None:
     for key in ("steps", "checkpoint_freq"):
         if not is_positive_int(cfg[key]):
             raise AppError(f"{key}={cfg[key]}: it is a number of optimizer steps, a positive integer (e.g. {key}=300).")
+    if cfg.save_model not in SAVE_MODEL_CHOICES:
+        raise AppError(
+            f"save_model={cfg.save_model}: choose weights (model.pt, the default), full (model.ckpt, resumable) or none."
+        )
+    if not isinstance(cfg.eval_augmentation, bool):
+        raise AppError(f"eval_augmentation={cfg.eval_augmentation}: true (DomainBed's evaluation) or false.")
+    every = cfg.progress.every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise AppError(f"progress.every={every}: the steps between progress lines, a non-negative integer (0: none).")
     holdout_fraction = cfg.holdout_fraction
     if (
         isinstance(holdout_fraction, bool)
@@ -258,8 +326,23 @@ def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
         raise
 
 
+def summary(record: dict[str, Any], environments: tuple[str, ...], test_envs: list[int], algorithm: str) -> str:
+    """The per-domain table, the test-domain accuracy in words, and the baseline command."""
+    lines = [summary_table(record, environments, test_envs)]
+    test = ", ".join(
+        f"{environments[env]} {format_accuracy(record.get(f'env{env}_in_acc'))}" for env in test_envs
+    )
+    lines.append(f"{algorithm}: test-domain accuracy {test} (the test domains' in split, as DomainBed reports).")
+    if algorithm != "ERM":
+        lines.append(
+            "Baseline: the same command with algorithm=erm; a sweep of both: python train.py -m +sweep=tiny, "
+            "then fishr-collect sweeps/tiny."
+        )
+    return "\n".join(lines)
+
+
 def summary_table(record: dict[str, Any], environments: tuple[str, ...], test_envs: list[int]) -> str:
-    lines = [f"Accuracy after {record['step']} steps (in: training or test split; out: held-out split)"]
+    lines = [f"Accuracy at step {record['step']} (in: training or test split; out: held-out split)"]
     lines.append(f"  {'domain':<18}{'role':<8}{'in':>8}{'out':>8}")
     for env, name in enumerate(environments):
         role = "test" if env in test_envs else "train"

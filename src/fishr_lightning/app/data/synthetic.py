@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from fishr_lightning.app.datasets import DatasetSpec, MultiDomainData
-from fishr_lightning.app.hparams import seed_hash
+from fishr_lightning.app.data.specs import SYNTHETIC_SPEC, MultiDomainData
+from fishr_lightning.app.seeding import seed_hash
 
 # The share of samples whose colour agrees with the label, per domain; domain 0 reverses the others.
 SPURIOUS_AGREEMENT = (0.1, 0.9, 0.8)
@@ -26,13 +26,7 @@ SHAPE_DIMS = 8  # the shape is a pattern over these dims; its class is readable 
 COLOUR_DIMS = 2
 NOISE_DIMS = 6
 
-SYNTHETIC_SPEC = DatasetSpec(
-    name="Synthetic",
-    environments=("-90%", "+90%", "+80%"),
-    num_classes=2,
-    download_name="",
-    input_shape=(SHAPE_DIMS + COLOUR_DIMS + NOISE_DIMS,),
-)
+assert SYNTHETIC_SPEC.input_shape == (SHAPE_DIMS + COLOUR_DIMS + NOISE_DIMS,)
 
 
 def synthetic_domain(

@@ -305,3 +305,12 @@ def averages_table(
             row.append(mean_and_standard_error(trial_means))
         cells[algorithm] = row
     return ResultsTable(title, list(datasets), list(algorithms), cells)
+
+
+@dataclass
+class MethodTables:
+    """All tables of one selection method; empty ``dataset_tables`` when the sweep has no runs it can use."""
+
+    method: SelectionMethod
+    dataset_tables: list[ResultsTable]
+    averages: ResultsTable | None

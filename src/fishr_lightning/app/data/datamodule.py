@@ -3,10 +3,13 @@
 - Every domain is split into an *in* split (training, or test scores for test domains) and an
   *out* split (``holdout_fraction``, model selection), seeded by ``trial_seed`` through a local RNG:
   the splits are DomainBed's ``misc.split_dataset`` splits, index for index, whatever the global seed.
-- A training step sees one minibatch of ``batch_size`` from each training domain, concatenated as
+- A training step draws ``batch_size`` samples from each training domain (the *global* step's batch:
+  under DDP each of the W processes takes its ``batch_size / W`` share of the same draw), passed as
   ``(x, y, domain)`` with ``domain`` renumbered ``0 .. E-1`` over the training domains.
-- Validation evaluates every domain's in and out split (test domains included) as the loaders
-  ``env{i}_in`` then ``env{i}_out``.
+- Evaluation reads every domain's in and out split (test domains included), ``env{i}_in`` then
+  ``env{i}_out``; as in DomainBed, the training domains' splits go through the training augmentation
+  (``eval_augmentation``), with a draw seeded per sample by ``(seed, step, split, index)``. Under DDP
+  each process evaluates every W-th sample: every sample counts once, none is repeated.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
-from fishr_lightning.app.datasets import MultiDomainData
-from fishr_lightning.app.hparams import seed_hash
+from fishr_lightning.app import AppError
+from fishr_lightning.app.data.specs import MultiDomainData
+from fishr_lightning.app.seeding import seed_hash
 
 
 def split_indices(length: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -33,15 +37,28 @@ def split_indices(length: int, holdout_fraction: float, seed: int) -> tuple[list
 
 
 class DomainSplit(Dataset):
-    """Items ``indices`` of a domain, transformed; with ``domain_id`` set, items are ``(x, y, domain_id)``."""
+    """Items ``indices`` of a domain, transformed; with ``domain_id`` set, items are ``(x, y, domain_id)``.
+
+    With ``seed`` set, the transform's random draws for item ``i`` come from a generator seeded by
+    ``(seed, step, name, i)`` (``step`` set before each evaluation): a random augmentation that is the
+    same in every re-run and every process layout."""
 
     def __init__(
-        self, dataset: Dataset, indices: Sequence[int], transform: Callable | None, domain_id: int | None = None
+        self,
+        dataset: Dataset,
+        indices: Sequence[int],
+        transform: Callable | None,
+        domain_id: int | None = None,
+        seed: int | None = None,
+        name: str = "",
     ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
         self.domain_id = domain_id
+        self.seed = seed
+        self.name = name
+        self.step = 0
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -49,7 +66,13 @@ class DomainSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         x, y = self.dataset[self.indices[index]]
         if self.transform is not None:
-            x = self.transform(x)
+            if self.seed is None:
+                x = self.transform(x)
+            else:
+                # torchvision's random transforms draw from torch's global RNG: fork it, seed it per sample.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed_hash(self.seed, self.step, self.name, index))
+                    x = self.transform(x)
         y = torch.as_tensor(y, dtype=torch.long)
         if self.domain_id is None:
             return x, y
@@ -60,9 +83,11 @@ class DomainBatchSampler(Sampler[list[int]]):
     """Batches of a ``ConcatDataset`` of the training domains: ``batch_size`` indices drawn with
     replacement from each domain (DomainBed's ``InfiniteDataLoader``), until step ``total_steps``.
 
-    Step ``t``'s batch depends only on ``(seed, t, rank)``, so a run resumed at step ``t`` sees the
-    batches the uninterrupted run would have seen. ``first_step`` is read when iteration starts
-    (after Lightning restored the step counter from a checkpoint).
+    Step ``t``'s draw depends only on ``(seed, t)``, so a run resumed at step ``t`` sees the batches
+    the uninterrupted run would have seen. ``first_step`` is read when iteration starts (after
+    Lightning restored the step counter from a checkpoint). Process ``rank`` of ``world_size`` takes
+    the ``rank``-th of ``world_size`` equal slices of each domain's draw: together the processes see
+    the one-process batch.
     """
 
     def __init__(
@@ -73,7 +98,9 @@ class DomainBatchSampler(Sampler[list[int]]):
         seed: int,
         first_step: Callable[[], int] = lambda: 0,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        check_batch_divides(batch_size, world_size)
         self.domain_sizes = list(domain_sizes)
         self.domain_offsets = np.cumsum([0] + self.domain_sizes[:-1]).tolist()
         self.batch_size = batch_size
@@ -81,11 +108,15 @@ class DomainBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.first_step = first_step
         self.rank = rank
+        self.world_size = world_size
 
     def batch_at(self, step: int) -> list[int]:
-        generator = torch.Generator().manual_seed(seed_hash(self.seed, step, self.rank))
+        generator = torch.Generator().manual_seed(seed_hash(self.seed, step))
+        share = self.batch_size // self.world_size
         indices = [
-            offset + torch.randint(size, (self.batch_size,), generator=generator)
+            (offset + torch.randint(size, (self.batch_size,), generator=generator))[
+                self.rank * share : (self.rank + 1) * share
+            ]
             for offset, size in zip(self.domain_offsets, self.domain_sizes)
         ]
         return torch.cat(indices).tolist()
@@ -98,6 +129,15 @@ class DomainBatchSampler(Sampler[list[int]]):
         return max(self.total_steps - self.first_step(), 0)
 
 
+def check_batch_divides(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise AppError(
+            f"batch_size={batch_size} is the per-domain batch of the whole step, shared by {world_size} "
+            f"processes, and {world_size} does not divide it: choose a batch_size divisible by the number of "
+            "processes (trainer.devices × trainer.num_nodes), or another number of processes."
+        )
+
+
 class DomainBedDataModule(pl.LightningDataModule):
     """Args:
     data: the dataset's domains (``datasets.load_domains``).
@@ -105,9 +145,11 @@ class DomainBedDataModule(pl.LightningDataModule):
     holdout_fraction: share of each domain in its out split (DomainBed: 0.2).
     trial_seed: seeds the splits.
     seed: seeds the training batches.
-    batch_size: per training domain, per step.
+    batch_size: per training domain, per step (of all processes together).
     steps: training steps in all.
     eval_batch_size: batch size of the evaluation loaders (DomainBed: 64).
+    eval_augmentation: evaluate the training domains' splits through the training transform, as
+        DomainBed (its training environments carry the augmentation); False: without it.
     num_workers, pin_memory, persistent_workers: the DataLoaders' (keep a GPU fed).
     """
 
@@ -124,8 +166,10 @@ class DomainBedDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        eval_augmentation: bool = True,
     ) -> None:
         super().__init__()
+        self.eval_augmentation = eval_augmentation
         self.data = data
         self.test_envs = sorted(test_envs)
         self.train_envs = [env for env in range(len(data.domains)) if env not in self.test_envs]
@@ -171,22 +215,35 @@ class DomainBedDataModule(pl.LightningDataModule):
             seed=self.seed,
             first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
         )
         return DataLoader(dataset, batch_sampler=sampler, **self.loader_options)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        in_splits = [
-            DomainSplit(domain, in_indices, self.data.eval_transform)
-            for domain, (in_indices, _) in zip(self.data.domains, self.splits)
-        ]
-        out_splits = [
-            DomainSplit(domain, out_indices, self.data.eval_transform)
-            for domain, (_, out_indices) in zip(self.data.domains, self.splits)
-        ]
+    def eval_splits(self) -> list[DomainSplit]:
+        """Every domain's in split, then every out split (``eval_names``' order)."""
+        splits = []
+        for split_index, split in enumerate(("in", "out")):
+            for env, domain in enumerate(self.data.domains):
+                augmented = self.eval_augmentation and env in self.train_envs and self.data.train_transform is not None
+                splits.append(
+                    DomainSplit(
+                        domain,
+                        self.splits[env][split_index],
+                        self.data.train_transform if augmented else self.data.eval_transform,
+                        seed=self.seed if augmented else None,
+                        name=f"env{env}_{split}",
+                    )
+                )
+        return splits
+
+    def eval_dataloaders(self, step: int, rank: int = 0, world_size: int = 1) -> list[DataLoader]:
+        """The evaluation loaders at ``step``; process ``rank`` reads samples ``rank, rank + W, ...``."""
         # Workers of 2×(domains) evaluation loaders are not kept alive between evaluations: with
         # DomainNet's 6 domains that would be 12 pools of idle processes.
         eval_options = {**self.loader_options, "persistent_workers": False}
-        return [
-            DataLoader(split, batch_size=self.eval_batch_size, shuffle=False, **eval_options)
-            for split in in_splits + out_splits
-        ]
+        loaders = []
+        for split in self.eval_splits():
+            split.step = step
+            shard = Subset(split, range(rank, len(split), world_size)) if world_size > 1 else split
+            loaders.append(DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, **eval_options))
+        return loaders

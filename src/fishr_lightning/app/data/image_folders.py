@@ -1,0 +1,94 @@
+"""DomainBed's image-folder datasets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet): one
+torchvision ``ImageFolder`` per domain, items ``(PIL image, class)``, and DomainBed's transforms (the
+datamodule applies them per split, so that only training domains are augmented)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import ImageFile
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
+
+# DomainBed does the same: a few images in TerraIncognita and DomainNet are truncated JPEGs.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -- transforms (DomainBed's, for 224×224 ImageNet-pretrained backbones) --------------------------
+
+
+def eval_image_transform(image_size: int) -> Transform:
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def train_image_transform(image_size: int) -> Transform:
+    """DomainBed's augmentation for training domains (hparam ``data_augmentation``)."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            transforms.RandomGrayscale(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# -- loaders --------------------------------------------------------------------------------------
+
+
+def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool) -> MultiDomainData:
+    root = data_dir / spec.folder
+    if not root.is_dir():
+        raise data_error(spec, data_dir, f"There is no directory {root}.")
+    missing = [folder for folder in spec.domain_folders if not (root / folder).is_dir()]
+    if missing:
+        found = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        raise data_error(spec, data_dir, f"{root} lacks the domain folder(s) {missing} (it has {found}).")
+    classes_per_domain = {
+        folder: sorted(entry.name for entry in (root / folder).iterdir() if entry.is_dir())
+        for folder in spec.domain_folders
+    }
+    for folder, classes in classes_per_domain.items():
+        if len(classes) != spec.num_classes:
+            raise data_error(
+                spec,
+                data_dir,
+                f"{root / folder} has {len(classes)} class folders; {spec.name} has {spec.num_classes}.",
+            )
+    reference_folder, reference_classes = next(iter(classes_per_domain.items()))
+    for folder, classes in classes_per_domain.items():
+        if classes != reference_classes:
+            raise data_error(
+                spec,
+                data_dir,
+                f"The class folders of {root / folder} differ from those of {root / reference_folder} "
+                f"({sorted(set(classes) ^ set(reference_classes))}).",
+            )
+    domains = []
+    for folder in spec.domain_folders:
+        try:
+            domains.append(ImageFolder(str(root / folder)))
+        except (FileNotFoundError, OSError) as error:
+            raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}") from None
+    return MultiDomainData(
+        spec=spec,
+        domains=domains,
+        input_shape=(3, image_size, image_size),
+        train_transform=train_image_transform(image_size) if augment else eval_image_transform(image_size),
+        eval_transform=eval_image_transform(image_size),
+        class_names=reference_classes,
+    )
+
+

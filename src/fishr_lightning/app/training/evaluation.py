@@ -1,0 +1,161 @@
+"""DomainBed's evaluation schedule and records, as a Lightning callback.
+
+DomainBed's ``train.py`` runs ``for step in range(n_steps)``: one update, then, when
+``step % checkpoint_freq == 0`` or ``step == n_steps - 1``, an evaluation recorded as ``'step': step``.
+So ``steps=5001, checkpoint_freq=300`` gives 5001 updates and records at 0, 300, ..., 4800, 5000.
+This callback does the same after Lightning's update ``step + 1`` (``trainer.global_step``): it
+evaluates every split exactly once across processes (each reads every W-th sample; the counts are
+summed), writes the record on rank 0, and saves the resume checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from fishr_lightning.app.data.datamodule import DomainBedDataModule
+from fishr_lightning.app.reporting.results import RecordWriter
+
+# Metrics that other callbacks log and DomainBed records under another name.
+LOGGED_LOSS_TERMS = {"fishr/penalty": "penalty"}
+
+
+def is_record_step(step: int, steps: int, checkpoint_freq: int) -> bool:
+    """DomainBed's test: ``step`` is the 0-based index of the update just done."""
+    return step % checkpoint_freq == 0 or step == steps - 1
+
+
+def record_steps(steps: int, checkpoint_freq: int) -> list[int]:
+    return [step for step in range(steps) if is_record_step(step, steps, checkpoint_freq)]
+
+
+def logged_this_step(trainer: pl.Trainer, name: str) -> float | None:
+    """The value ``name`` logged (``self.log``, on_step) in the current training step.
+
+    Lightning moves step metrics to ``callback_metrics`` only after ``on_train_batch_end``; the
+    record of a step needs them in that hook, so they are read from the loop's result collection."""
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return None
+    value = results.metrics(on_step=True)["callback"].get(name)
+    return None if value is None else float(value)
+
+
+class DomainBedEvaluation(Callback):
+    """Evaluates and records at DomainBed's steps; saves ``resume_checkpoint`` after each record.
+
+    Args:
+        datamodule: gives the evaluation loaders (``eval_dataloaders``) and their names.
+        writer: writes and formats the records.
+        steps: updates in all (DomainBed's ``n_steps``).
+        checkpoint_freq: DomainBed's.
+        steps_per_epoch: for the record's ``epoch`` (``step / steps_per_epoch``, as DomainBed).
+        resume_checkpoint: where the resumable checkpoint goes after each record (``None``: nowhere).
+    """
+
+    def __init__(
+        self,
+        datamodule: DomainBedDataModule,
+        writer: RecordWriter,
+        steps: int,
+        checkpoint_freq: int,
+        steps_per_epoch: float,
+        resume_checkpoint: Path | None,
+    ) -> None:
+        self.datamodule = datamodule
+        self.writer = writer
+        self.steps = steps
+        self.checkpoint_freq = checkpoint_freq
+        self.steps_per_epoch = steps_per_epoch
+        self.resume_checkpoint = resume_checkpoint
+        self.step_values: dict[str, list[float]] = defaultdict(list)
+        self.last_record: dict[str, Any] | None = None
+        self._step_started = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            kept = self.writer.keep_records_before(trainer.global_step)
+            self.last_record = kept[-1] if kept else None
+        self.step_values.clear()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.step_values["step_time"].append(time.perf_counter() - self._step_started)
+        if isinstance(outputs, dict):
+            for name in ("loss", "nll"):
+                if name in outputs:
+                    self.step_values[name].append(float(outputs[name]))
+        for logged_name, record_name in LOGGED_LOSS_TERMS.items():
+            value = logged_this_step(trainer, logged_name)
+            if value is not None:
+                self.step_values[record_name].append(value)
+        step = trainer.global_step - 1  # DomainBed's label of the update just done
+        if not is_record_step(step, self.steps, self.checkpoint_freq):
+            return
+        record = self.record(trainer, pl_module, step)
+        if trainer.is_global_zero:
+            self.writer.write(record)
+            self.print(trainer, self.writer.table_rows(record))
+            self.last_record = record
+        if self.resume_checkpoint is not None:
+            trainer.save_checkpoint(self.resume_checkpoint)  # on every rank: it ends with a barrier
+
+    def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch}
+        # Each process saw its share of the step's batch (equal shares): the mean of the processes'
+        # means is the whole batch's mean. The penalty is already the whole batch's.
+        names = sorted(self.step_values)
+        means = torch.tensor([float(np.mean(self.step_values[name])) for name in names], dtype=torch.float64)
+        if trainer.world_size > 1:
+            means = trainer.strategy.reduce(means.to(pl_module.device), reduce_op="mean").cpu()
+        record.update({name: float(value) for name, value in zip(names, means)})
+        self.step_values.clear()
+        record.update(self.accuracies(trainer, pl_module, step))
+        record["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        return record
+
+    @torch.no_grad()
+    def accuracies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
+        """``{env{i}_{in,out}_acc: accuracy}`` over every split, each sample counted once."""
+        loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
+        counts_L2 = torch.zeros(len(loaders), 2, dtype=torch.float64, device=pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                for index, loader in enumerate(loaders):
+                    for x, y_N in loader:
+                        x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
+                        counts_L2[index, 0] += (pl_module(x).argmax(dim=1) == y_N).sum()
+                        counts_L2[index, 1] += len(y_N)
+        finally:
+            pl_module.train(was_training)
+        if trainer.world_size > 1:
+            counts_L2 = trainer.strategy.reduce(counts_L2, reduce_op="sum")
+        names = [f"{split.name}_acc" for split in self.datamodule.eval_splits()]
+        return {
+            name: float(correct / total) if total > 0 else None  # DomainBed: an empty split has no accuracy
+            for name, (correct, total) in zip(names, counts_L2.cpu().tolist())
+        }
+
+    @staticmethod
+    def print(trainer: pl.Trainer, lines: list[str]) -> None:
+        bar = trainer.progress_bar_callback
+        for line in lines:
+            if bar is not None:
+                bar.print(line)  # above the progress bar, not through it
+            else:
+                print(line, flush=True)
