@@ -124,17 +124,21 @@ class MultiDomainData:
 # -- transforms (DomainBed's, for 224×224 ImageNet-pretrained backbones) --------------------------
 
 
-def eval_image_transform(image_size: int) -> Transform:
+def eval_image_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Transform:
     return transforms.Compose(
         [
             transforms.Resize((image_size, image_size)),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
 
-def train_image_transform(image_size: int) -> Transform:
+def train_image_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Transform:
     """DomainBed's augmentation for training domains (hparam ``data_augmentation``)."""
     return transforms.Compose(
         [
@@ -143,9 +147,23 @@ def train_image_transform(image_size: int) -> Transform:
             transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
             transforms.RandomGrayscale(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
+
+
+def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: bool) -> None:
+    """The image transforms at a backbone's own input size, mean and std (timm's ``resolve_data_config``);
+    DomainBed's augmentation otherwise unchanged. Datasets of tensors (MNIST) are left as they are."""
+    if data.eval_transform is None:
+        return
+    channels, height, width = config["input_size"]
+    if height != width:
+        raise AppError(f"The backbone's input size {height}x{width} is not square; set backbone.image_size=...")
+    mean, std = config["mean"], config["std"]
+    data.eval_transform = eval_image_transform(height, mean, std)
+    data.train_transform = train_image_transform(height, mean, std) if augment else data.eval_transform
+    data.input_shape = (data.input_shape[0], height, width)
 
 
 # -- bad input ------------------------------------------------------------------------------------

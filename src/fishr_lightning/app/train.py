@@ -27,7 +27,7 @@ from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.collect import DONE_FILE
 from fishr_lightning.app.data import DomainBedDataModule
-from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains
+from fishr_lightning.app.datasets import check_test_envs, dataset_spec, load_domains, use_input_config
 from fishr_lightning.app.hparams import ALGORITHMS, hparams_for, registry
 from fishr_lightning.app.module import DomainClassifier
 from fishr_lightning.app.results import DomainBedResults, EvaluateAtLastStep, read_records
@@ -165,6 +165,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     dropout = backbone.pop("dropout", 0.0)
     featurizer = instantiate(backbone, input_shape=data.input_shape)
+    if getattr(featurizer, "input_config", None):  # timm backbones: their own input size, mean and std
+        use_input_config(data, featurizer.input_config, augment=hparams["data_augmentation"])
     module = DomainClassifier(
         featurizer,
         num_classes=spec.num_classes,
