@@ -19,7 +19,6 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
@@ -238,6 +237,7 @@ def test_unreachable_hub_weights_name_the_two_ways_out(monkeypatch):
     with pytest.raises(AppError) as error:
         TimmFeaturizer((3, 32, 32), "resnet18.a1_in1k", pretrained=True, image_size=32)
     assert "backbone.pretrained=false" in str(error.value) and "backbone.weights_path=" in str(error.value)
+    assert "https://huggingface.co/timm/resnet18.a1_in1k" in str(error.value)  # where to fetch the file
 
 
 def test_batchnorm_is_frozen_by_default_for_resnets_and_trainable_on_request():
@@ -285,8 +285,9 @@ def test_an_unknown_model_name_lists_close_matches():
 
 
 def test_an_unknown_weight_tag_lists_the_models_tags():
-    with pytest.raises(AppError, match="resnet18.a1_in1k"):
-        TimmFeaturizer((3, 32, 32), "resnet18.in1k_nonexistent", pretrained=True)
+    for pretrained in (True, False):
+        with pytest.raises(AppError, match="resnet18.a1_in1k"):
+            TimmFeaturizer((3, 32, 32), "resnet18.in1k_nonexistent", pretrained=pretrained)
 
 
 def test_a_model_without_pooled_features_is_refused():

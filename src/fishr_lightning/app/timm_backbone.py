@@ -103,11 +103,12 @@ class TimmFeaturizer(nn.Module):
 
 def require_timm() -> None:
     if timm is None:
-        raise AppError("backbone=timm needs the timm package: pip install 'fishr-lightning[timm]' (or pip install timm).")
+        raise AppError("backbone=timm needs the timm package: pip install 'fishr-lightning[timm]' (or timm itself).")
 
 
 def check_model_name(name: str, pretrained: bool) -> None:
-    """An architecture timm knows, and with ``pretrained`` a weight tag it has; else close matches."""
+    """An architecture timm knows and a weight tag it has (timm refuses unknown tags even without
+    ``pretrained``); else close matches."""
     architecture, _, tag = name.partition(".")
     if not timm.is_model(architecture):
         raise AppError(
@@ -115,15 +116,14 @@ def check_model_name(name: str, pretrained: bool) -> None:
             f"{', '.join(close_model_names(architecture)) or '(none)'}. List them with "
             f"timm.list_models('*{architecture.split('_')[0]}*')."
         )
-    tags = timm.list_models(architecture, pretrained=True) if pretrained else []
+    tags = timm.list_models(architecture, pretrained=True)
     if pretrained and not tags:
         raise AppError(f"backbone.name={name}: timm has no pretrained weights for it; use backbone.pretrained=false.")
-    if pretrained and tag:
-        if name not in tags:
-            raise AppError(
-                f"backbone.name={name}: timm has no pretrained weights tagged {tag!r} for {architecture}; "
-                f"its tags are {', '.join(tags) or '(none: use backbone.pretrained=false)'}."
-            )
+    if tag and name not in tags:
+        raise AppError(
+            f"backbone.name={name}: timm has no weights tagged {tag!r} for {architecture}; "
+            f"its tags are {', '.join(tags) or f'(none: name it {architecture} with backbone.pretrained=false)'}."
+        )
 
 
 def close_model_names(architecture: str, limit: int = 8) -> list[str]:
@@ -147,10 +147,12 @@ def create_model(name: str, pretrained: bool, image_size: int | None, kwargs: di
     except (OSError, ValueError) as error:  # no network: requests/huggingface_hub errors are OSErrors
         if not pretrained:
             raise
+        hub_cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = getattr(hub_cfg, "hf_hub_id", None) or f"timm/{name}"
         raise AppError(
             f"The pretrained weights of timm's {name} could not be fetched from the Hugging Face hub ({error}). "
             f"Train from scratch with backbone.pretrained=false, or download the hub repo's model.safetensors "
-            f"(https://huggingface.co/timm/{name}) on a machine with internet access and pass "
+            f"(https://huggingface.co/{hub_id}) on a machine with internet access and pass "
             f"backbone.weights_path=/path/to/model.safetensors."
         ) from None
 
