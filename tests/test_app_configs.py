@@ -25,6 +25,8 @@ DATASETS = [
     "domain_net",
 ]
 BACKBONES = ["resnet50", "resnet18", "mnist_cnn", "mlp"]
+# timm's (tests/test_timm_backbones.py composes and builds each of them)
+TIMM_BACKBONES = ["timm", "resnet50_augmix", "dinov2_vitb14", "clip_vitb16", "convnext_tiny", "vit_small"]
 ALGORITHMS = ["erm", "fishr"]
 TOP_LEVEL_KEYS = {
     "data_dir",
@@ -62,7 +64,7 @@ def test_the_configs_are_the_installed_package():
 def test_every_group_offers_the_documented_menu():
     root = Path(__import__("fishr_lightning.app.configs", fromlist=["x"]).__file__).parent
     assert {p.stem for p in (root / "dataset").glob("*.yaml")} == set(DATASETS)
-    assert {p.stem for p in (root / "backbone").glob("*.yaml")} == set(BACKBONES)
+    assert {p.stem for p in (root / "backbone").glob("*.yaml")} == set(BACKBONES) | set(TIMM_BACKBONES)
     assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS)
     assert {"cpu", "gpu", "ddp"} <= {p.stem for p in (root / "trainer").glob("*.yaml")}
     assert {"csv", "tensorboard"} <= {p.stem for p in (root / "logger").glob("*.yaml")}

@@ -39,8 +39,8 @@ class FishrCallback(Callback):
         ema: decay γ of each domain's gradient-variance EMA, with DomainBed's ``1/(1-γ)`` correction
             (default 0.95; search ``U(0.90, 0.99)``); 0 disables it.
         head: attribute path of the final ``nn.Linear`` (``"classifier"``, ``"model.fc"``). Default
-            ``None``: ``classifier``, ``fc``, ``head`` or ``linear`` (at the top level, or under
-            ``model``/``network``), else the module's only ``nn.Linear``; an error when ambiguous.
+            ``None``: ``classifier``, ``fc``, ``head``, ``head.fc`` (timm's ConvNeXt) or ``linear`` (at the
+            top level, or under ``model``/``network``), else the module's only ``nn.Linear``; an error when ambiguous.
         backend: ``"closed_form"`` (default: exact, two matmuls per step, no per-sample gradient is
             materialised) or ``"backpack"`` (BackPACK ``BatchGrad``, the paper's route).
         num_domains: number of training domains. Default ``None``: ``max id + 1`` of the first batch

@@ -11,8 +11,9 @@ from fishr_lightning.functional import FishrInputError
 
 TargetsAndDomains = Callable[[Any], tuple[Tensor, Tensor]]
 
-# Tried in this order when no head is named; DomainBed, torchvision and timm call the head so.
-DEFAULT_HEAD_NAMES = ("classifier", "fc", "head", "linear")
+# Tried in this order when no head is named; DomainBed, torchvision and timm call the head so
+# (timm: ``head`` for ViTs, ``fc`` for ResNets, ``head.fc`` for ConvNeXt and other NormMlp heads).
+DEFAULT_HEAD_NAMES = ("classifier", "fc", "head", "head.fc", "linear")
 
 
 def resolve_head(module: nn.Module, head: str | None) -> tuple[str, nn.Linear]:

@@ -4,12 +4,15 @@ datamodule applies them per split, so that only training domains are augmented).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import ImageFile
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from fishr_lightning.app import AppError
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
 
 # DomainBed does the same: a few images in TerraIncognita and DomainNet are truncated JPEGs.
@@ -21,17 +24,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # -- transforms (DomainBed's, for 224×224 ImageNet-pretrained backbones) --------------------------
 
 
-def eval_image_transform(image_size: int) -> Transform:
+def eval_image_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Transform:
     return transforms.Compose(
         [
             transforms.Resize((image_size, image_size)),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
 
-def train_image_transform(image_size: int) -> Transform:
+def train_image_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Transform:
     """DomainBed's augmentation for training domains (hparam ``data_augmentation``)."""
     return transforms.Compose(
         [
@@ -40,9 +47,23 @@ def train_image_transform(image_size: int) -> Transform:
             transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
             transforms.RandomGrayscale(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
+
+
+def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: bool) -> None:
+    """The image transforms at a backbone's own input size, mean and std (timm's ``resolve_data_config``);
+    DomainBed's augmentation otherwise unchanged. Datasets of tensors (MNIST) are left as they are."""
+    if data.eval_transform is None:
+        return
+    channels, height, width = config["input_size"]
+    if height != width:
+        raise AppError(f"The backbone's input size {height}x{width} is not square; set backbone.image_size=...")
+    mean, std = config["mean"], config["std"]
+    data.eval_transform = eval_image_transform(height, mean, std)
+    data.train_transform = train_image_transform(height, mean, std) if augment else data.eval_transform
+    data.input_shape = (data.input_shape[0], height, width)
 
 
 # -- loaders --------------------------------------------------------------------------------------

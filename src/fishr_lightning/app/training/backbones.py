@@ -69,10 +69,19 @@ class ResNetFeaturizer(nn.Module):
     def train(self, mode: bool = True) -> ResNetFeaturizer:
         super().train(mode)
         if self.freeze_batchnorm:
-            for module in self.network.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
+            freeze_batchnorm_statistics(self.network)
         return self
+
+
+def freeze_batchnorm_statistics(network: nn.Module) -> None:
+    """Every BatchNorm of ``network`` in eval mode: running statistics used and not updated (DomainBed)."""
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def has_batchnorm(network: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in network.modules())
 
 
 def download_imagenet_weights(depth: int) -> dict[str, Tensor]:

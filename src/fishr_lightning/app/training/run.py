@@ -30,6 +30,7 @@ from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.image_folders import use_input_config
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
@@ -159,6 +160,11 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         seed=cfg.trial_seed,
         samples_per_domain=cfg.dataset.get("samples_per_domain"),
     )
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
+    input_config = getattr(module.featurizer, "input_config", None)
+    if input_config:  # timm backbones: their own input size, mean and std in the transforms
+        use_input_config(data, input_config, augment=hparams["data_augmentation"])
     datamodule = DomainBedDataModule(
         data,
         test_envs=test_envs,
@@ -175,8 +181,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         persistent_workers=cfg.loader.persistent_workers,
         eval_augmentation=cfg.eval_augmentation,
     )
-    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
 
     progress_bar = cfg.trainer.get("enable_progress_bar")
     if progress_bar is None:

@@ -1,0 +1,146 @@
+"""What the app knows of each dataset without loading it (no torch import, so that ``fishr-collect``
+can name domains): DomainBed's names, domains, class counts and on-disk layouts, the embedded
+synthetic default, and the checks of user input that depend only on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fishr_lightning.app import AppError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
+Transform = Callable[[Any], "Tensor"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the app needs to know about one dataset; ``name`` is DomainBed's class name."""
+
+    name: str
+    environments: tuple[str, ...]  # DomainBed's short domain names, in its order
+    num_classes: int
+    download_name: str  # the argument of ``fishr-download``
+    folder: str = ""  # the dataset's directory under ``data_dir``
+    domain_folders: tuple[str, ...] = ()  # image-folder datasets: one folder per environment
+    input_shape: tuple[int, ...] = ()  # for image folders: channels only, the size is an option
+
+
+IMAGE_FOLDER_DATASETS = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "VLCS", ("C", "L", "S", "V"), 5, "vlcs", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), (3,)
+        ),
+        DatasetSpec(
+            "PACS", ("A", "C", "P", "S"), 7, "pacs", "PACS", ("art_painting", "cartoon", "photo", "sketch"), (3,)
+        ),
+        DatasetSpec(
+            "OfficeHome",
+            ("A", "C", "P", "R"),
+            65,
+            "office_home",
+            "office_home",
+            ("Art", "Clipart", "Product", "Real World"),
+            (3,),
+        ),
+        DatasetSpec(
+            "TerraIncognita",
+            ("L100", "L38", "L43", "L46"),
+            10,
+            "terra_incognita",
+            "terra_incognita",
+            ("location_100", "location_38", "location_43", "location_46"),
+            (3,),
+        ),
+        DatasetSpec(
+            "DomainNet",
+            ("clip", "info", "paint", "quick", "real", "sketch"),
+            345,
+            "domain_net",
+            "domain_net",
+            ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+            (3,),
+        ),
+    )
+}
+
+SYNTHETIC_SPEC = DatasetSpec(
+    name="Synthetic",
+    environments=("-90%", "+90%", "+80%"),
+    num_classes=2,
+    download_name="",
+    input_shape=(16,),  # synthetic.py: 8 shape, 2 colour and 6 noise dimensions
+)
+
+MNIST_DATASETS = {
+    "ColoredMNIST": DatasetSpec("ColoredMNIST", ("+90%", "+80%", "-90%"), 2, "colored_mnist", "MNIST", (), (2, 28, 28)),
+    "RotatedMNIST": DatasetSpec(
+        "RotatedMNIST", ("0", "15", "30", "45", "60", "75"), 10, "rotated_mnist", "MNIST", (), (1, 28, 28)
+    ),
+}
+
+def dataset_spec(name: str) -> DatasetSpec:
+    specs = {**IMAGE_FOLDER_DATASETS, **MNIST_DATASETS, SYNTHETIC_SPEC.name: SYNTHETIC_SPEC}
+    if name not in specs:
+        raise AppError(f"Unknown dataset name {name!r}; the app knows {sorted(specs)}.")
+    return specs[name]
+
+
+@dataclass
+class MultiDomainData:
+    """One dataset per domain, and how to turn its items into tensors for training and evaluation."""
+
+    spec: DatasetSpec
+    domains: list[Dataset]
+    input_shape: tuple[int, ...]
+    train_transform: Transform | None = None
+    eval_transform: Transform | None = None
+    class_names: list[str] = field(default_factory=list)
+
+
+def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
+    if spec.name in MNIST_DATASETS:
+        return (
+            f"{data_dir / 'MNIST' / 'raw'}/ holding MNIST's four idx files (train-images-idx3-ubyte, "
+            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte), as torchvision writes them"
+        )
+    domains = ", ".join(spec.domain_folders)
+    return (
+        f"{data_dir / spec.folder}/<domain>/<class>/<image> with the domain folders {domains} "
+        f"and the same {spec.num_classes} class folders in each"
+    )
+
+
+def data_error(spec: DatasetSpec, data_dir: Path, problem: str) -> AppError:
+    return AppError(
+        f"{problem} The {spec.name} dataset is read from {expected_layout(spec, data_dir)}. "
+        f"Download it with `fishr-download {spec.download_name} --data-dir {data_dir}`, or point "
+        f"data_dir=... at the directory that holds it."
+    )
+
+
+def check_test_envs(test_envs: Sequence[Any], spec: DatasetSpec) -> list[int]:
+    """``test_envs`` as a sorted list of domain indices, or a clear error."""
+    names = ", ".join(f"{i}={name}" for i, name in enumerate(spec.environments))
+    if isinstance(test_envs, int):
+        test_envs = [test_envs]
+    indices = []
+    for env in test_envs:
+        if isinstance(env, bool) or not isinstance(env, int) or not 0 <= env < len(spec.environments):
+            raise AppError(
+                f"test_envs={list(test_envs)} is out of range: {spec.name} has {len(spec.environments)} domains "
+                f"({names}); pass indices among them, e.g. test_envs=[0] or test_envs=[0,2]."
+            )
+        indices.append(env)
+    if len(set(indices)) >= len(spec.environments):
+        raise AppError(
+            f"test_envs={list(test_envs)} leaves no training domain: {spec.name} has {len(spec.environments)} "
+            f"domains ({names}); hold out fewer of them."
+        )
+    return sorted(set(indices))
