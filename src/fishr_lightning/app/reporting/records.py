@@ -11,6 +11,9 @@ from pathlib import Path
 from fishr_lightning.app.reporting.model_selection import Record, environment_count
 
 RESULTS_FILE = "results.jsonl"
+# The averaged model's record (averaging=swad|ema), beside DomainBed's: DomainBed's collect_results.py
+# reads results.jsonl only, fishr-collect reads both (the averaged runs are rows of their own).
+AVERAGED_FILE = "averaged.jsonl"
 DONE_FILE = "done"
 
 
@@ -132,4 +135,7 @@ def load_sweep(sweep_directory: Path) -> Sweep:
         complete = (results_path.parent / DONE_FILE).exists()
         run = Run(results_path.parent, read_run(results_path, strict=complete), complete)
         (complete_runs if complete and run.records else incomplete_runs).append(run)
+        averaged_path = results_path.parent / AVERAGED_FILE
+        if complete and averaged_path.exists():  # args.algorithm names the averaging: "Fishr + SWAD"
+            complete_runs.append(Run(results_path.parent, read_run(averaged_path, strict=True), True))
     return Sweep(sweep_directory, complete_runs, incomplete_runs)

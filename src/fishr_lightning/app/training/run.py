@@ -32,8 +32,9 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import use_input_config
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
-from fishr_lightning.app.reporting.records import DONE_FILE, read_records
+from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
+from fishr_lightning.app.training.averaging import averaging_callbacks, record_averaged_model, stopped_early
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
 from fishr_lightning.app.training.module import DomainClassifier
@@ -193,7 +194,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         steps_per_epoch=datamodule.steps_per_epoch,
         resume_checkpoint=run_dir / RESUME_CHECKPOINT,
     )
-    callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), evaluation]
+    averaging = averaging_callbacks(cfg, datamodule)
+    callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), *averaging, evaluation]
     if not progress_bar and cfg.progress.every:
         callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
     callbacks += instantiate_callbacks(cfg.callbacks)
@@ -220,7 +222,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
 
     records = read_records(run_dir)
     # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
-    finished = bool(records) and records[-1]["step"] == cfg.steps - 1
+    finished = bool(records) and (records[-1]["step"] == cfg.steps - 1 or stopped_early(averaging))
+    averaged = record_averaged_model(trainer, module, evaluation, averaging, cfg, run_dir, records[-1]["step"] if records else 0)
     save_model(trainer, module, run_dir, cfg.save_model, backbone, data.input_shape, spec.num_classes, records)
     if trainer.is_global_zero:
         if finished:
@@ -228,6 +231,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             shutil.rmtree(run_dir / RESUME_CHECKPOINT.parent, ignore_errors=True)  # a finished run needs no resume
         if records:
             print(summary(records[-1], spec.environments, test_envs, cfg.algorithm.name))
+        if averaged:
+            accuracy = ", ".join(f"{100 * averaged[f'env{env}_in_acc']:.1f}%" for env in test_envs)
+            print(f"{averaged['args']['algorithm']} (averaged weights, in {AVERAGED_FILE}): test-domain accuracy {accuracy}.")
     return records[-1] if records else None
 
 

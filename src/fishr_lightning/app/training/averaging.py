@@ -1,0 +1,131 @@
+"""Weight averaging in the app (``averaging=swad|ema``): the callbacks, SWAD's valley loss on
+DomainBed's step labels, and the averaged model's record beside DomainBed's (``averaged.jsonl``).
+
+The DomainBed records (``results.jsonl``) stay those of the current model, so a sweep with averaging
+still reads as DomainBed's; the averaged model is evaluated once, at the end, on every split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from omegaconf import DictConfig
+
+from fishr_lightning.app import AppError
+from fishr_lightning.app.data.datamodule import DomainBedDataModule
+from fishr_lightning.app.reporting.records import AVERAGED_FILE
+from fishr_lightning.app.training.evaluation import DomainBedEvaluation
+from fishr_lightning.averaging.swad import SWADCallback
+
+
+class SWADValleyLoss(Callback):
+    """Closes SWAD's segment after DomainBed's step ``s`` when ``s % eval_every == 0`` (khanrc/swad's
+    loop), with the current model's loss on the training domains' out splits: the mean over those
+    domains of each split's mean cross-entropy (SWAD's ``tr_outloss``), every sample counted once
+    across processes."""
+
+    def __init__(self, swad: SWADCallback, datamodule: DomainBedDataModule, eval_every: int) -> None:
+        self.swad, self.datamodule, self.eval_every = swad, datamodule, eval_every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step - 1
+        if step % self.eval_every == 0:
+            self.swad.end_segment(trainer, self.training_domains_out_loss(trainer, pl_module, step))
+
+    @torch.no_grad()
+    def training_domains_out_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> float:
+        wanted = {f"env{env}_out" for env in self.datamodule.train_envs}
+        splits = [split.name for split in self.datamodule.eval_splits()]
+        loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
+        sums_S2 = torch.zeros(len(wanted), 2, dtype=torch.float64, device=pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                row = 0
+                for name, loader in zip(splits, loaders):
+                    if name not in wanted:
+                        continue
+                    for x, y_N in loader:
+                        x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
+                        sums_S2[row, 0] += F.cross_entropy(pl_module(x).float(), y_N, reduction="sum").double()
+                        sums_S2[row, 1] += len(y_N)
+                    row += 1
+        finally:
+            pl_module.train(was_training)
+        if trainer.world_size > 1:
+            sums_S2 = trainer.strategy.reduce(sums_S2, reduce_op="sum")
+        return float((sums_S2[:, 0] / sums_S2[:, 1].clamp(min=1)).mean())
+
+
+def averaging_callbacks(cfg: DictConfig, datamodule: DomainBedDataModule) -> list[Callback]:
+    """The callbacks of ``cfg.averaging`` (none, swad, ema), in the order they must run: before the
+    evaluation callback, so that a checkpoint saved at a record holds the segment just closed."""
+    averaging = cfg.averaging
+    if averaging.name is None:
+        return []
+    if averaging.name == "EMA":
+        return [EMAWeightAveraging(decay=averaging.decay, update_starting_at_step=averaging.update_starting_at_step)]
+    if averaging.name == "SWAD":
+        check_swad_evaluations(cfg.steps, averaging.eval_every, averaging.n_converge)
+        swad = SWADCallback(
+            monitor=None,
+            n_converge=averaging.n_converge,
+            n_tolerance=averaging.n_tolerance,
+            tolerance_ratio=averaging.tolerance_ratio,
+            early_stop=averaging.early_stop,
+            bn_update_batches=averaging.bn_update_batches,
+        )
+        return [swad, SWADValleyLoss(swad, datamodule, averaging.eval_every)]
+    raise AppError(f"averaging.name={averaging.name!r} is not one of the averaging configs: use averaging=none, swad or ema.")
+
+
+def check_swad_evaluations(steps: int, eval_every: Any, n_converge: int) -> None:
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise AppError(f"averaging.eval_every={eval_every}: a number of steps between SWAD's evaluations, a positive integer.")
+    evaluations = len(range(0, steps, eval_every))
+    if evaluations < n_converge:
+        raise AppError(
+            f"averaging=swad evaluates the valley loss at steps 0, {eval_every}, ...: {evaluations} time(s) in "
+            f"steps={steps}, fewer than the n_converge={n_converge} evaluations SWAD needs before its loss valley "
+            f"can open. Train longer (steps >= {(n_converge - 1) * eval_every + 1}) or evaluate more often "
+            f"(averaging.eval_every <= {max(1, (steps - 1) // max(1, n_converge - 1))})."
+        )
+
+
+def stopped_early(callbacks: list[Callback]) -> bool:
+    return any(isinstance(cb, SWADCallback) and cb.summary is not None and cb.summary.stopped_early for cb in callbacks)
+
+
+def record_averaged_model(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    evaluation: DomainBedEvaluation,
+    callbacks: list[Callback],
+    cfg: DictConfig,
+    run_dir: Path,
+    last_step: int,
+) -> dict[str, Any] | None:
+    """Evaluates the averaged weights (already in ``module``) on every split and writes the record to
+    ``averaged.jsonl``, DomainBed's format with ``args.algorithm`` = e.g. ``"Fishr + SWAD"``, so that
+    ``fishr-collect`` shows the averaged runs as their own rows and DomainBed's own collect_results.py,
+    which reads only results.jsonl, sees the sweep unchanged."""
+    if cfg.averaging.name is None:
+        return None
+    record: dict[str, Any] = {"step": last_step, "averaging": cfg.averaging.name}
+    record.update(evaluation.accuracies(trainer, module, last_step))
+    swad = next((cb for cb in callbacks if isinstance(cb, SWADCallback)), None)
+    if swad is not None and swad.summary is not None:
+        record["swad"] = swad.summary.as_record()
+    args = {**evaluation.writer.args, "algorithm": f"{cfg.algorithm.name} + {cfg.averaging.name}"}
+    args["averaging"] = {key: value for key, value in cfg.averaging.items()}
+    record = {**record, "hparams": evaluation.writer.hparams, "args": args}
+    if trainer.is_global_zero:
+        (run_dir / AVERAGED_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
+    return record
