@@ -44,12 +44,13 @@ def test_fishr_collect_shows_averaged_runs_as_their_own_rows(monkeypatch, tmp_pa
             averaging_options = SWAD if averaging == "swad" else []
             assert run_app(monkeypatch, run_dir, f"algorithm={algorithm}", *averaging_options, *SHORT) == 0
     capsys.readouterr()
-    assert collect.main([str(tmp_path / "sweep")]) == 0
+    assert collect.main([str(tmp_path / "sweep"), "--plots", str(tmp_path / "plots")]) == 0
     tables = capsys.readouterr().out
     for method in ("training-domain validation set", "test-domain validation set (oracle)"):
         section = tables.split(f"## Model selection: {method}")[1].split("## Model selection")[0]
         for row in ("ERM", "Fishr", "ERM + SWAD", "Fishr + SWAD"):
             assert f"\n| {row} | " in section, (row, section)
+    assert len(list((tmp_path / "plots" / "runs").glob("*.png"))) == 4  # one per run, averaged ones in the tables' plots
 
 
 def test_a_swad_run_too_short_for_the_valley_is_an_error(monkeypatch, tmp_path, capsys):

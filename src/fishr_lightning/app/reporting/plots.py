@@ -112,7 +112,7 @@ def write_sweep_plots(sweep: Sweep, tables: Sequence[MethodTables], directory: P
     """Every run's plot (incomplete runs too, titled so) and one plot per dataset and selection method."""
     written = []
     for run in [*sweep.complete_runs, *sweep.incomplete_runs]:
-        if not run.records:
+        if not run.records or run.averaged:  # one final record: it is in the tables' plots
             continue
         relative = run.directory.relative_to(sweep.directory).as_posix()
         title = relative if run.complete else f"{relative} (incomplete)"

@@ -102,6 +102,7 @@ class Run:
     directory: Path
     records: list[Record] = field(default_factory=list)
     complete: bool = False
+    averaged: bool = False  # the averaged model's record (averaged.jsonl), not the run's checkpoints
 
 
 @dataclass
@@ -137,5 +138,5 @@ def load_sweep(sweep_directory: Path) -> Sweep:
         (complete_runs if complete and run.records else incomplete_runs).append(run)
         averaged_path = results_path.parent / AVERAGED_FILE
         if complete and averaged_path.exists():  # args.algorithm names the averaging: "Fishr + SWAD"
-            complete_runs.append(Run(results_path.parent, read_run(averaged_path, strict=True), True))
+            complete_runs.append(Run(results_path.parent, read_run(averaged_path, strict=True), True, averaged=True))
     return Sweep(sweep_directory, complete_runs, incomplete_runs)
