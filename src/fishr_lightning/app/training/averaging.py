@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from omegaconf import DictConfig
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.records import AVERAGED_FILE
-from fishr_lightning.app.training.evaluation import DomainBedEvaluation
+from fishr_lightning.app.training.evaluation import DomainBedEvaluation, per_split_sums
 from fishr_lightning.averaging.swad import SWADCallback
 
 
@@ -38,29 +37,14 @@ class SWADValleyLoss(Callback):
         if step % self.eval_every == 0:
             self.swad.end_segment(trainer, self.training_domains_out_loss(trainer, pl_module, step))
 
-    @torch.no_grad()
     def training_domains_out_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> float:
         wanted = {f"env{env}_out" for env in self.datamodule.train_envs}
         splits = [split.name for split in self.datamodule.eval_splits()]
         loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
-        sums_S2 = torch.zeros(len(wanted), 2, dtype=torch.float64, device=pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                row = 0
-                for name, loader in zip(splits, loaders):
-                    if name not in wanted:
-                        continue
-                    for x, y_N in loader:
-                        x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
-                        sums_S2[row, 0] += F.cross_entropy(pl_module(x).float(), y_N, reduction="sum").double()
-                        sums_S2[row, 1] += len(y_N)
-                    row += 1
-        finally:
-            pl_module.train(was_training)
-        if trainer.world_size > 1:
-            sums_S2 = trainer.strategy.reduce(sums_S2, reduce_op="sum")
+        out_loaders = [loader for name, loader in zip(splits, loaders) if name in wanted]
+        sums_S2 = per_split_sums(
+            trainer, pl_module, out_loaders, lambda logits, y_N: F.cross_entropy(logits, y_N, reduction="sum")
+        )
         return float((sums_S2[:, 0] / sums_S2[:, 1].clamp(min=1)).mean())
 
 

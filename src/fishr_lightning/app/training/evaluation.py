@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,34 @@ def is_record_step(step: int, steps: int, checkpoint_freq: int) -> bool:
 
 def record_steps(steps: int, checkpoint_freq: int) -> list[int]:
     return [step for step in range(steps) if is_record_step(step, steps, checkpoint_freq)]
+
+
+@torch.no_grad()
+def per_split_sums(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    loaders: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    batch_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``[L, 2]`` float64: for each loader, the sum of ``batch_sum(logits, y_N)`` over its batches and
+    its number of samples, summed over processes (each reads its own share of every split), with the
+    module in eval mode under the trainer's precision. Accuracies and SWAD's valley loss are both ratios
+    of these sums, so every sample counts once whatever the number of processes."""
+    sums_L2 = torch.zeros(len(loaders), 2, dtype=torch.float64, device=pl_module.device)
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with trainer.precision_plugin.forward_context():
+            for index, loader in enumerate(loaders):
+                for x, y_N in loader:
+                    x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
+                    sums_L2[index, 0] += batch_sum(pl_module(x).float(), y_N).double()
+                    sums_L2[index, 1] += len(y_N)
+    finally:
+        pl_module.train(was_training)
+    if trainer.world_size > 1:
+        sums_L2 = trainer.strategy.reduce(sums_L2, reduce_op="sum")
+    return sums_L2
 
 
 def logged_this_step(trainer: pl.Trainer, name: str) -> float | None:
@@ -127,28 +156,14 @@ class DomainBedEvaluation(Callback):
         record["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         return record
 
-    @torch.no_grad()
     def accuracies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         """``{env{i}_{in,out}_acc: accuracy}`` over every split, each sample counted once."""
         loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
-        counts_L2 = torch.zeros(len(loaders), 2, dtype=torch.float64, device=pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                for index, loader in enumerate(loaders):
-                    for x, y_N in loader:
-                        x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
-                        counts_L2[index, 0] += (pl_module(x).argmax(dim=1) == y_N).sum()
-                        counts_L2[index, 1] += len(y_N)
-        finally:
-            pl_module.train(was_training)
-        if trainer.world_size > 1:
-            counts_L2 = trainer.strategy.reduce(counts_L2, reduce_op="sum")
+        sums_L2 = per_split_sums(trainer, pl_module, loaders, lambda logits, y_N: (logits.argmax(dim=1) == y_N).sum())
         names = [f"{split.name}_acc" for split in self.datamodule.eval_splits()]
         return {
             name: float(correct / total) if total > 0 else None  # DomainBed: an empty split has no accuracy
-            for name, (correct, total) in zip(names, counts_L2.cpu().tolist())
+            for name, (correct, total) in zip(names, sums_L2.cpu().tolist())
         }
 
     @staticmethod
