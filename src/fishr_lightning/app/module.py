@@ -22,7 +22,8 @@ class DomainClassifier(pl.LightningModule):
         num_classes: classes of the dataset.
         eval_names: the names of the validation loaders, in order.
         dropout: dropout on the features, before the head (DomainBed's ``resnet_dropout``).
-        lr, weight_decay: Adam's (DomainBed's optimizer for ERM and Fishr).
+        lr: Adam's learning rate (DomainBed's optimizer for ERM and Fishr).
+        weight_decay: Adam's weight decay.
     """
 
     def __init__(
