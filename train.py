@@ -1,6 +1,6 @@
 """The training app: ``python train.py [dataset=pacs] [algorithm=fishr] [key=value ...]``.
 
-The same Hydra app as the console script ``fishr-train``; see README.md, "The training app".
+The same Hydra app as the console script ``fishr-train``; see docs/app.md (the site's page "The training app").
 """
 
 from fishr_lightning.app.training.run import main

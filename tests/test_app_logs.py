@@ -30,4 +30,5 @@ def test_a_log_file_gets_progress_lines_and_tables_not_bar_frames(tmp_path):
     assert "steps/s  ETA " in progress[0] and "penalty " in progress[0]
     table_rows = [line for line in text.splitlines() if line.split()[-2:-1] in (["0"], ["500"], ["1000"])]
     assert len(table_rows) == 3  # DomainBed's table: one row per evaluation (steps 0, 500, 1000)
+    assert "weights_only" not in text  # Lightning's note on each resume checkpoint, once a line per record
     assert len(text.encode()) < 8_000, len(text.encode())

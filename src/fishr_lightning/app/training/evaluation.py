@@ -140,7 +140,8 @@ class DomainBedEvaluation(Callback):
             self.print(trainer, self.writer.table_rows(record))
             self.last_record = record
         if self.resume_checkpoint is not None:
-            trainer.save_checkpoint(self.resume_checkpoint)  # on every rank: it ends with a barrier
+            # weights_only=False said explicitly: left out, Lightning 2.6 logs a line about it at every record.
+            trainer.save_checkpoint(self.resume_checkpoint, weights_only=False)  # every rank: ends in a barrier
 
     def record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch}

@@ -20,7 +20,8 @@ class DomainClassifier(pl.LightningModule):
         featurizer: a module mapping inputs to ``[N, featurizer.n_outputs]`` features.
         num_classes: classes of the dataset.
         dropout: dropout on the features, before the head (DomainBed's ``resnet_dropout``).
-        lr, weight_decay: Adam's (DomainBed's optimizer for ERM and Fishr).
+        lr: Adam's learning rate (DomainBed's optimizer for ERM and Fishr).
+        weight_decay: Adam's weight decay.
     """
 
     def __init__(

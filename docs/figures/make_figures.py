@@ -1,0 +1,133 @@
+"""Regenerate the documentation's figures from real runs of the training app (about a minute on 2 CPU cores).
+
+    python docs/figures/make_figures.py            # writes docs/figures/*.png
+    python docs/figures/make_figures.py --keep DIR  # also keep the runs under DIR
+
+What it runs, all on the embedded synthetic dataset (no download, CPU):
+
+1. a sweep ``+sweep=tiny`` lengthened to the dataset's default 1500 steps with DomainBed's default
+   hyperparameters (``hparams_seed=0``): ERM and Fishr, two trials each (4 runs);
+2. one ERM and one Fishr run with ``+callbacks=hessian_alignment`` (every 50 steps).
+
+and writes, with the package's own plotting code wherever it exists:
+
+- ``synthetic_erm_vs_fishr.png``: the test domain's accuracy over steps, ERM against Fishr (trial 0),
+  read from each run's ``results.jsonl``;
+- ``hessian_alignment_erm.png``, ``hessian_alignment_fishr.png``: ``HessianAlignmentCallback.plot`` of
+  those runs;
+- ``collect_run_fishr.png``: ``fishr-collect --plots``'s per-run plot of the Fishr run (penalty and
+  every domain's accuracy);
+- ``collect_synthetic_oracle.png`` and ``collect_synthetic_training_domain.png``: ``fishr-collect --plots``'s
+  result-table plots (test accuracy per algorithm, mean ± standard error over the two trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIGURES = Path(__file__).resolve().parent
+REPOSITORY = FIGURES.parent.parent
+DPI = 100
+
+
+def run(command: list[str]) -> None:
+    started = time.perf_counter()
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=REPOSITORY, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def plot_erm_vs_fishr(erm_run: Path, fishr_run: Path, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fishr_lightning.app.reporting.records import read_records
+
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for color, (label, run_dir) in enumerate((("ERM", erm_run), ("Fishr", fishr_run))):
+        records = sorted(read_records(run_dir), key=lambda record: record["step"])
+        test_env = records[0]["args"]["test_envs"][0]
+        steps = [record["step"] for record in records]
+        for split, style in (("in", "-"), ("out", ":")):
+            accuracies = [100 * record[f"env{test_env}_{split}_acc"] for record in records]
+            axes.plot(
+                steps, accuracies, style, color=f"C{color}", marker="o", markersize=3, label=f"{label}, {split} split"
+            )
+    warmup = next(record for record in read_records(fishr_run))["hparams"]["penalty_anneal_iters"]
+    axes.axvline(warmup, color="grey", linewidth=0.8, linestyle="--")
+    axes.text(warmup, 95, " Fishr's warm-up ends", color="grey", fontsize="small", va="top")
+    axes.set_xlabel("step")
+    axes.set_ylabel("test-domain accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("Synthetic dataset, test domain 0 (colour agrees with the label in 10 %)", fontsize="medium")
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=DPI)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
+    parser.add_argument("--output", type=Path, default=FIGURES, help="where the PNGs go (default: docs/figures)")
+    options = parser.parse_args()
+    work = options.keep or Path(tempfile.mkdtemp(prefix="fishr_figures_"))
+    work.mkdir(parents=True, exist_ok=True)
+    output = options.output
+    output.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    started = time.perf_counter()
+
+    sweep = work / "sweep"
+    run([python, "train.py", "-m", "+sweep=tiny", f"hydra.sweep.dir={sweep}", "steps=1500",
+         "checkpoint_freq=150", "hparams_seed=0", "trainer.enable_progress_bar=false"])  # fmt: skip
+    for algorithm in ("erm", "fishr"):
+        run(
+            [
+                python,
+                "train.py",
+                f"algorithm={algorithm}",
+                f"hydra.run.dir={work / f'hessian_{algorithm}'}",
+                "trainer.enable_progress_bar=false",
+                "+callbacks=hessian_alignment",
+                "callbacks.hessian_alignment.every_n_steps=50",
+                f"callbacks.hessian_alignment.plot_filename={output / f'hessian_alignment_{algorithm}.png'}",
+            ]
+        )
+
+    def sweep_run(algorithm: str, trial: int) -> Path:
+        (directory,) = [
+            d for d in sweep.iterdir() if f"algorithm={algorithm}," in d.name and f"trial_seed={trial}" in d.name
+        ]
+        return directory
+
+    plot_erm_vs_fishr(sweep_run("erm", 0), sweep_run("fishr", 0), output / "synthetic_erm_vs_fishr.png")
+
+    plots = work / "plots"
+    run([python, "-m", "fishr_lightning.app.reporting.collect", str(sweep), "--plots", str(plots)])
+    fishr_name = sweep_run("fishr", 0).name
+    (run_plot,) = [
+        p
+        for p in (plots / "runs").iterdir()
+        if p.stem.startswith(fishr_name[:20]) and "fishr" in p.stem and "trial_seed=0" in p.stem
+    ]
+    shutil.copyfile(run_plot, output / "collect_run_fishr.png")
+    for table_plot in sorted(plots.glob("*.png")):
+        method = table_plot.stem.split("_", 1)[1]
+        shutil.copyfile(table_plot, output / f"collect_synthetic_{method}.png")
+
+    print(f"Figures in {output} ({time.perf_counter() - started:.0f} s):")
+    for png in sorted(output.glob("*.png")):
+        print(f"  {png.name}: {png.stat().st_size / 1024:.0f} KiB")
+    if options.keep is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The documentation site builds strictly (any warning fails) and its API reference is rendered from the docstrings."""
+
+from __future__ import annotations
+
+import html
+import importlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+API_PAGES = ("core", "functional", "averaging", "hessian_alignment", "app")
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings_handlers") is None,
+    reason='the documentation tools are not installed: pip install -e ".[docs]" (the dev extra includes them)',
+)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    site_dir = tmp_path_factory.mktemp("site")
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-d", str(site_dir)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # Material's banner about its successor, not a warning of ours
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+    print(f"mkdocs build --strict: {time.perf_counter() - started:.1f} s")
+    return site_dir
+
+
+def page_text(site: Path, page: str) -> str:
+    html = (site / page / "index.html").read_text(encoding="utf-8")
+    return re.sub(r"<[^>]+>", "", html)
+
+
+def test_api_page_shows_fishr_callback_arguments_from_its_docstring(site: Path) -> None:
+    text = page_text(site, "api/core")
+    assert "FishrCallback" in text
+    for argument in ("penalty_weight", "warmup_steps", "ema", "head", "backend", "num_domains", "penalty_ramp_steps"):
+        assert argument in text, f"{argument} missing from the rendered API page"
+    # Rendered from the docstring's Args section: each argument's description, not only the signature.
+    from fishr_lightning.callback import FishrCallback
+
+    assert "Parameters" in text
+    flat_text = " ".join(text.split())
+    for argument in ("penalty_weight", "warmup_steps", "num_domains"):
+        match = re.search(rf"^\s+{argument}: (.+)$", FishrCallback.__doc__ or "", re.MULTILINE)
+        assert match, f"{argument} is not in FishrCallback's docstring (Args:)"
+        first_words = " ".join(match.group(1).split()[:4])
+        assert first_words in flat_text, f"the description of {argument} ({first_words!r}) is not rendered"
+
+
+def test_every_page_of_the_navigation_is_built(site: Path) -> None:
+    for page in ("", "lightning", "app", "sweeps", "paper", "averaging", "backbones", "benchmarks", "changelog",
+                 "contributing", "api/core", "api/functional", "api/averaging", "api/hessian_alignment", "api/app"):  # fmt: skip
+        assert (site / page / "index.html").is_file(), f"page {page or 'index'} not built"
+    assert "Keep a Changelog" in page_text(site, "changelog")
+    assert "what Fishr costs over ERM" in page_text(site, "benchmarks")
+
+
+def test_every_public_name_has_its_docstring_rendered(site: Path) -> None:
+    import fishr_lightning
+
+    api_text = " ".join(" ".join(html.unescape(page_text(site, f"api/{page}")).split()) for page in API_PAGES)
+
+    def rendered_opening(docstring: str | None) -> str:
+        assert docstring, "no docstring"
+        return " ".join(docstring.replace("``", "").replace("*", "").split()[:6])  # as the HTML shows it
+
+    for name in fishr_lightning.__all__:
+        opening = rendered_opening(getattr(fishr_lightning, name).__doc__)
+        assert opening in api_text, f"fishr_lightning.{name}'s docstring ({opening!r}) is not rendered"
+    for module in ("functional", "distributed", "averaging.loss_valley", "diagnostics.hessian_alignment"):
+        opening = rendered_opening(importlib.import_module(f"fishr_lightning.{module}").__doc__)
+        assert opening in api_text, f"fishr_lightning.{module}'s docstring ({opening!r}) is not rendered"
+
+
+def test_getting_started_includes_the_readme_set_up_not_a_copy(site: Path) -> None:
+    """The two set-up commands live in the README (CI runs them from there); the site includes them."""
+    index_source = (REPOSITORY / "docs" / "index.md").read_text()
+    assert '--8<-- "README.md:setup"' in index_source and "pip install" not in index_source
+    index_text = page_text(site, "")
+    assert 'pip install -e ".[dev]"' in index_text.replace("&quot;", '"') and "python -m pytest" in index_text
+    assert "--8<--" not in index_text  # the section markers are gone from the page
+
+
+def prose_paragraphs(markdown: str) -> list[str]:
+    without_code = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
+    paragraphs = (" ".join(block.split()) for block in re.split(r"\n\s*\n", without_code))
+    return [p for p in paragraphs if len(p) >= 100 and not p.startswith(("|", "<!--"))]
+
+
+def test_no_paragraph_lives_in_two_files() -> None:
+    sources = [REPOSITORY / name for name in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md", "BENCHMARKS.md")]
+    sources += sorted((REPOSITORY / "docs").rglob("*.md"))
+    homes: dict[str, list[str]] = {}
+    for source in sources:
+        for paragraph in prose_paragraphs(source.read_text(encoding="utf-8")):
+            homes.setdefault(paragraph, []).append(source.name)
+    repeated = {paragraph[:80]: files for paragraph, files in homes.items() if len(files) > 1}
+    assert not repeated, f"paragraphs written twice (include one with --8<-- instead): {repeated}"
+
+
+def test_figures_are_in_the_site_and_small(site: Path) -> None:
+    figures = sorted((REPOSITORY / "docs" / "figures").glob("*.png"))
+    assert len(figures) >= 4
+    for figure in figures:
+        assert figure.stat().st_size < 150 * 1024, f"{figure.name} is over 150 KB"
+        assert (site / "figures" / figure.name).is_file()
