@@ -32,7 +32,9 @@ def make_problem(
     domains_N = torch.arange(N) % E
     scale_N = 1.0 + 9.0 * torch.rand(N, 1, generator=g, dtype=torch.float64)  # feature scale 1-10
     shift_ED = 0.5 * torch.randn(E, D, generator=g, dtype=torch.float64)  # domain shift
-    features_ND = torch.relu(scale_N * (torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5 + shift_ED[domains_N]))
+    features_ND = torch.relu(
+        scale_N * (torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5 + shift_ED[domains_N])
+    )
     weight_CD = torch.randn(C, D, generator=g, dtype=torch.float64) / (features_ND.square().mean().sqrt() * D**0.5)
     bias_C = torch.zeros(C, dtype=torch.float64)
     logits_NC = features_ND @ weight_CD.T
@@ -87,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"C={C}, E={E} domains x {PER_DOMAIN} samples; reference: centred two-pass in float64")
-    print(f"{'D':>5} {'wrong':>5} {'seed':>4} {'variant':>14} {'P (fp64)':>11} {'rel err P':>10} {'rel err dP/dz':>13} {'rel err dP/dW':>13}")
+    print(
+        f"{'D':>5} {'wrong':>5} {'seed':>4} {'variant':>14} {'P (fp64)':>11} {'rel err P':>10} {'rel err dP/dz':>13} {'rel err dP/dW':>13}"
+    )
     worst: dict[str, list[float]] = {}
     for D, wrong_fraction, seed in itertools.product(args.features, (0.1, 0.0), range(args.seeds)):
         problem = make_problem(D, seed, wrong_fraction)
@@ -96,7 +100,9 @@ def main() -> None:
             p, gz, gw = penalty_and_gradients(fn, torch.float32, problem)
             errors = [abs(float(p - ref_p)) / abs(float(ref_p)), relative_error(gz, ref_gz), relative_error(gw, ref_gw)]
             worst[name] = [max(a, b) for a, b in zip(worst.get(name, [0.0] * 3), errors)]
-            print(f"{D:>5} {wrong_fraction:>5} {seed:>4} {name:>14} {float(ref_p):>11.4e} {errors[0]:>10.2e} {errors[1]:>13.2e} {errors[2]:>13.2e}")
+            print(
+                f"{D:>5} {wrong_fraction:>5} {seed:>4} {name:>14} {float(ref_p):>11.4e} {errors[0]:>10.2e} {errors[1]:>13.2e} {errors[2]:>13.2e}"
+            )
     print("\nworst over all rows:")
     for name, (ep, egz, egw) in worst.items():
         print(f"  {name:>14}: penalty {ep:.2e}, dP/dfeatures {egz:.2e}, dP/dW {egw:.2e}")

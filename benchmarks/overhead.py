@@ -86,7 +86,9 @@ class Classifier(pl.LightningModule):
         backbone = getattr(torchvision.models, setting.backbone)(weights=None)
         width = backbone.fc.in_features
         backbone.fc = nn.Identity()
-        self.featurizer = nn.Sequential(backbone, nn.Linear(width, setting.feature_dim)) if width != setting.feature_dim else backbone
+        self.featurizer = (
+            nn.Sequential(backbone, nn.Linear(width, setting.feature_dim)) if width != setting.feature_dim else backbone
+        )
         self.classifier = nn.Linear(setting.feature_dim, setting.num_classes)
 
     def training_step(self, batch, batch_idx):
@@ -129,10 +131,21 @@ def measure_training(setting: Setting, mode: str, device: str, steps: int, warmu
     timer = StepTimer(torch_device)
     callbacks = [timer]
     if mode != "erm":
-        callbacks.append(FishrCallback(penalty_weight=1000.0, warmup_steps=0, ema=0.95, backend=mode, num_domains=setting.num_domains))
+        callbacks.append(
+            FishrCallback(
+                penalty_weight=1000.0, warmup_steps=0, ema=0.95, backend=mode, num_domains=setting.num_domains
+            )
+        )
     trainer = pl.Trainer(
-        accelerator=device, devices=1, max_steps=steps + warmup, precision=precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator=device,
+        devices=1,
+        max_steps=steps + warmup,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     loader = DataLoader(RandomDomainImages(setting, steps + warmup), batch_size=None)
     if torch_device.type == "cuda":
@@ -188,8 +201,13 @@ def data_pipeline_images_per_second(num_workers: int, image_size: int, images: i
             os.makedirs(folder, exist_ok=True)
             pixels = torch.randint(0, 256, (227, 227, 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"), quality=90)
-        loader = DataLoader(ImageFolder(root, train_image_transform(image_size)), batch_size=32, shuffle=True,
-                            num_workers=num_workers, persistent_workers=num_workers > 0)
+        loader = DataLoader(
+            ImageFolder(root, train_image_transform(image_size)),
+            batch_size=32,
+            shuffle=True,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
         for _ in loader:  # warm-up: workers started, files in the page cache
             pass
         start = time.perf_counter()
@@ -202,8 +220,16 @@ def data_pipeline_images_per_second(num_workers: int, image_size: int, images: i
 def run_in_subprocess(setting: Setting, mode: str, args: argparse.Namespace) -> dict:
     if args.in_process:  # peak memory is then the process's high-water mark so far, not this run's
         return measure_training(setting, mode, args.device, args.steps, args.warmup, args.precision)
-    job = json.dumps({"setting": asdict(setting), "mode": mode, "device": args.device, "steps": args.steps,
-                      "warmup": args.warmup, "precision": args.precision})
+    job = json.dumps(
+        {
+            "setting": asdict(setting),
+            "mode": mode,
+            "device": args.device,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "precision": args.precision,
+        }
+    )
     out = subprocess.run([sys.executable, __file__, "--job", job], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{setting.name}/{mode} failed:\n{out.stderr[-3000:]}")
@@ -232,20 +258,37 @@ def markdown_report(args: argparse.Namespace, settings: list[Setting]) -> str:
                 f"| {mode} | {r['median_ms']:.1f} | {r['median_ms'] / erm['median_ms']:.3f} "
                 f"| {r['peak_mib']:.0f} | {r['peak_mib'] / erm['peak_mib']:.3f} |"
             )
-    lines += ["", "Penalty alone (head forward + penalty + backward), median ms:", "",
-              "| setting | C × D | closed_form | backpack | backpack / closed_form |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Penalty alone (head forward + penalty + backward), median ms:",
+        "",
+        "| setting | C × D | closed_form | backpack | backpack / closed_form |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for setting in settings:
         closed = measure_penalty_only(setting, "closed_form", args.device, args.steps)
         backpack = measure_penalty_only(setting, "backpack", args.device, args.steps)
-        lines.append(f"| {setting.name} | {setting.num_classes} × {setting.feature_dim} | {closed:.2f} | {backpack:.2f} | {backpack / closed:.1f} |")
+        lines.append(
+            f"| {setting.name} | {setting.num_classes} × {setting.feature_dim} | {closed:.2f} | {backpack:.2f} | {backpack / closed:.1f} |"
+        )
     image_size = settings[0].image_size
-    lines += ["", f"Data pipeline (JPEG decode + DomainBed's training augmentation to {image_size}², batches of 32) "
-              "against Fishr (closed form) training throughput, images/s:", "",
-              "| loader workers | pipeline images/s | " + " | ".join(f"{name} training images/s" for name in training_images_per_second) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in training_images_per_second) + " |"]
+    lines += [
+        "",
+        f"Data pipeline (JPEG decode + DomainBed's training augmentation to {image_size}², batches of 32) "
+        "against Fishr (closed form) training throughput, images/s:",
+        "",
+        "| loader workers | pipeline images/s | "
+        + " | ".join(f"{name} training images/s" for name in training_images_per_second)
+        + " |",
+        "| --- | --- | " + " | ".join("---" for _ in training_images_per_second) + " |",
+    ]
     for workers in args.workers:
         pipeline = data_pipeline_images_per_second(workers, image_size, images=32 if args.tiny else 256)
-        lines.append(f"| {workers} | {pipeline:.0f} | " + " | ".join(f"{v:.0f}" for v in training_images_per_second.values()) + " |")
+        lines.append(
+            f"| {workers} | {pipeline:.0f} | "
+            + " | ".join(f"{v:.0f}" for v in training_images_per_second.values())
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -257,14 +300,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the benchmark runs")
     parser.add_argument("--output", default=None, help="also write the Markdown table to this file")
-    parser.add_argument("--in-process", action="store_true", help="no subprocess per run (peak memory is then not per run)")
-    parser.add_argument("--workers", type=int, nargs="+", default=None,
-                        help="DataLoader workers to measure the data pipeline with (default: 0, 2, and all cores)")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no subprocess per run (peak memory is then not per run)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DataLoader workers to measure the data pipeline with (default: 0, 2, and all cores)",
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.job:
         job = json.loads(args.job)
-        print(json.dumps(measure_training(Setting(**job["setting"]), job["mode"], job["device"], job["steps"], job["warmup"], job["precision"])))
+        print(
+            json.dumps(
+                measure_training(
+                    Setting(**job["setting"]), job["mode"], job["device"], job["steps"], job["warmup"], job["precision"]
+                )
+            )
+        )
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")

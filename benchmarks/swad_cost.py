@@ -99,12 +99,22 @@ def measure(name, averaging, device, steps, warmup):
     elif averaging == "ema":
         callbacks.append(EMAWeightAveraging(decay=0.999))
     callbacks.append(timer)
-    train = DataLoader(RandomDomains(shape, classes, (steps + warmup) * per_domain * DOMAINS), batch_size=per_domain * DOMAINS)
+    train = DataLoader(
+        RandomDomains(shape, classes, (steps + warmup) * per_domain * DOMAINS), batch_size=per_domain * DOMAINS
+    )
     val = DataLoader(RandomDomains(shape, classes, per_domain * DOMAINS), batch_size=per_domain * DOMAINS)
     trainer = pl.Trainer(
-        max_steps=steps + warmup, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
+        max_steps=steps + warmup,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accelerator=device,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, train, val)
     extra_device = params * 4 if averaging in ("swad", "ema") else 0
@@ -119,7 +129,10 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["MLP (embedded dataset size)", "ResNet-18 224²"])
     parser.add_argument("--output")
     args = parser.parse_args(argv)
-    rows = ["| setting | averaging | step time (ms, median) | vs none | params | extra memory on the device |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | averaging | step time (ms, median) | vs none | params | extra memory on the device |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in args.settings:
         baseline = None
         for averaging in ("none", "swad", "ema"):

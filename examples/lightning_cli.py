@@ -22,9 +22,16 @@ from torch.utils.data import DataLoader, TensorDataset
 class DomainData(pl.LightningDataModule):
     """``(x, y, domain)`` batches: ``num_domains`` domains whose inputs are shifted differently."""
 
-    def __init__(self, num_domains: int = 3, samples_per_domain: int = 128, batch_size: int = 48, seed: int = 0) -> None:
+    def __init__(
+        self, num_domains: int = 3, samples_per_domain: int = 128, batch_size: int = 48, seed: int = 0
+    ) -> None:
         super().__init__()
-        self.num_domains, self.samples_per_domain, self.batch_size, self.seed = num_domains, samples_per_domain, batch_size, seed
+        self.num_domains, self.samples_per_domain, self.batch_size, self.seed = (
+            num_domains,
+            samples_per_domain,
+            batch_size,
+            seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)

@@ -21,7 +21,9 @@ def averaged(run_dir):
 def test_swad_leaves_domainbeds_records_as_they_are_and_records_the_averaged_model_beside(monkeypatch, tmp_path):
     assert run_app(monkeypatch, tmp_path / "plain", *SHORT) == 0
     assert run_app(monkeypatch, tmp_path / "swad", *SWAD, *SHORT) == 0
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("args", "step_time", "eval_time", "mem_gb")} for r in rs]  # noqa: E731
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("args", "step_time", "eval_time", "mem_gb")} for r in rs
+    ]  # noqa: E731
     assert strip(records(tmp_path / "swad")) == strip(records(tmp_path / "plain"))
     record = averaged(tmp_path / "swad")
     assert record["args"]["algorithm"] == "Fishr + SWAD" and record["averaging"] == "SWAD"
@@ -50,7 +52,9 @@ def test_fishr_collect_shows_averaged_runs_as_their_own_rows(monkeypatch, tmp_pa
         section = tables.split(f"## Model selection: {method}")[1].split("## Model selection")[0]
         for row in ("ERM", "Fishr", "ERM + SWAD", "Fishr + SWAD"):
             assert f"\n| {row} | " in section, (row, section)
-    assert len(list((tmp_path / "plots" / "runs").glob("*.png"))) == 4  # one per run, averaged ones in the tables' plots
+    assert (
+        len(list((tmp_path / "plots" / "runs").glob("*.png"))) == 4
+    )  # one per run, averaged ones in the tables' plots
 
 
 def test_a_swad_run_too_short_for_the_valley_is_an_error(monkeypatch, tmp_path, capsys):

@@ -70,7 +70,9 @@ def test_batches_depend_on_the_step_only_so_a_resumed_run_sees_the_same_ones():
 
 def test_processes_share_each_domains_draw_so_together_they_see_the_one_process_batch():
     one = list(DomainBatchSampler([10, 20], batch_size=4, total_steps=5, seed=3))
-    ranks = [list(DomainBatchSampler([10, 20], batch_size=4, total_steps=5, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [
+        list(DomainBatchSampler([10, 20], batch_size=4, total_steps=5, seed=3, rank=r, world_size=2)) for r in (0, 1)
+    ]
     for step, batch in enumerate(one):
         rank0, rank1 = ranks[0][step], ranks[1][step]
         assert len(rank0) == len(rank1) == 4  # 2 samples of each of the 2 domains per process

@@ -46,7 +46,9 @@ def assert_domainbed_records(run_dir: Path, num_domains: int, steps: list[int], 
             assert 0.0 <= record[f"env{env}_in_acc"] <= 1.0 and 0.0 <= record[f"env{env}_out_acc"] <= 1.0
         assert record["loss"] > 0 and record["nll"] > 0 and record["epoch"] >= 0
         assert record["args"]["dataset"] == dataset and record["args"]["algorithm"] == algorithm
-        assert {"test_envs", "hparams_seed", "trial_seed", "seed", "world_size", "eval_augmentation"} <= set(record["args"])
+        assert {"test_envs", "hparams_seed", "trial_seed", "seed", "world_size", "eval_augmentation"} <= set(
+            record["args"]
+        )
         assert {"lr", "batch_size", "weight_decay", "resnet_dropout"} <= set(record["hparams"])
     assert (run_dir / "done").exists() and (run_dir / "model.pt").exists()
     assert not (run_dir / "model.ckpt").exists() and not (run_dir / "checkpoints").exists()
@@ -171,7 +173,15 @@ def test_the_dataset_defaults_give_domainbeds_5001_updates():
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="fishr_lightning.app.configs", version_base="1.3"):
-        for dataset in ("colored_mnist", "rotated_mnist", "vlcs", "pacs", "office_home", "terra_incognita", "domain_net"):
+        for dataset in (
+            "colored_mnist",
+            "rotated_mnist",
+            "vlcs",
+            "pacs",
+            "office_home",
+            "terra_incognita",
+            "domain_net",
+        ):
             cfg = compose("train", overrides=[f"dataset={dataset}"])
             assert cfg.steps == 5001, dataset
 

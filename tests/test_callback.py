@@ -64,8 +64,14 @@ class MixinClassifier(FishrMixin, DomainClassifier):
 
 def trainer(**kwargs):
     options = dict(
-        accelerator="cpu", devices=1, precision="64-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=STEPS,
     )
     return pl.Trainer(**{**options, **kwargs})
 
@@ -73,8 +79,10 @@ def trainer(**kwargs):
 def domainbed_loop(model, dataset, penalty_weight, warmup_steps, ema, optimizer="sgd", lr=0.1, accumulate=1):
     """DomainBed's Fishr.update, by hand: re-creates Adam at the warm-up step, as DomainBed does."""
     model = copy.deepcopy(model)
-    make_optimizer = (lambda: torch.optim.Adam(model.parameters(), lr=lr)) if optimizer == "adam" else (
-        lambda: torch.optim.SGD(model.parameters(), lr=lr)
+    make_optimizer = (
+        (lambda: torch.optim.Adam(model.parameters(), lr=lr))
+        if optimizer == "adam"
+        else (lambda: torch.optim.SGD(model.parameters(), lr=lr))
     )
     opt = make_optimizer()
     fishr = ref.ReferenceFishr(E, ema=ema)
@@ -158,9 +166,9 @@ def test_resume_from_a_mid_training_checkpoint_ends_on_the_uninterrupted_weights
 
     first_epoch = DomainClassifier("adam", 0.01)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer(callbacks=[FishrCallback(**options), checkpoints], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(
-        first_epoch, batches(three_steps)
-    )
+    trainer(
+        callbacks=[FishrCallback(**options), checkpoints], max_steps=-1, max_epochs=1, enable_checkpointing=True
+    ).fit(first_epoch, batches(three_steps))
     (checkpoint,) = tmp_path.glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["callbacks"]["FishrCallback"]["penalty"]["num_updates"] == 3
 
@@ -260,13 +268,18 @@ def test_default_head_is_the_classifier_and_ambiguity_is_an_error():
     callback = FishrCallback(penalty_weight=1.0, warmup_steps=0)
     trainer(callbacks=[callback], max_steps=1).fit(DomainClassifier(), batches(domain_data()))
     assert callback.head == "classifier"
-    with pytest.raises(FishrInputError, match=r"Cannot tell which nn.Linear .*candidates are \['featurizer.0', 'out_a', 'out_b'\].*head="):
+    with pytest.raises(
+        FishrInputError,
+        match=r"Cannot tell which nn.Linear .*candidates are \['featurizer.0', 'out_a', 'out_b'\].*head=",
+    ):
         trainer(callbacks=[FishrCallback()], max_steps=1).fit(TwoLinears(), batches(domain_data()))
 
 
 def test_a_head_that_is_not_a_linear_layer_or_does_not_exist():
     with pytest.raises(FishrInputError, match="'featurizer' is a Sequential, not an nn.Linear"):
-        trainer(callbacks=[FishrCallback(head="featurizer")], max_steps=1).fit(DomainClassifier(), batches(domain_data()))
+        trainer(callbacks=[FishrCallback(head="featurizer")], max_steps=1).fit(
+            DomainClassifier(), batches(domain_data())
+        )
     with pytest.raises(FishrInputError, match=r"no submodule 'model.fc'.*\['featurizer.0', 'classifier'\]"):
         trainer(callbacks=[FishrCallback(head="model.fc")], max_steps=1).fit(DomainClassifier(), batches(domain_data()))
 

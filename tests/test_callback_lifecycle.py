@@ -190,7 +190,9 @@ def test_a_step_that_returns_none_keeps_nothing_captured():
 
 
 def test_gradient_accumulation_warns_once_at_fit_start():
-    with pytest.warns(UserWarning, match=r"accumulate_grad_batches=2.*DomainBed computes one penalty per step") as record:
+    with pytest.warns(
+        UserWarning, match=r"accumulate_grad_batches=2.*DomainBed computes one penalty per step"
+    ) as record:
         trainer(callbacks=[FishrCallback(**OPTIONS)], accumulate_grad_batches=2, max_steps=2).fit(
             DomainClassifier(), batches(domain_data())
         )

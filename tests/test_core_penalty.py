@@ -72,10 +72,10 @@ def test_bce_one_logit_head():
     head, features, _, domains = make_batch(c=1)
     targets = (torch.rand(N, generator=torch.Generator().manual_seed(3)) < 0.5).double()[:, None]
     bce = lambda s, y: F.binary_cross_entropy_with_logits(s, y, reduction="sum")
-    expected = torch.stack(ref.domain_variances(ref.per_sample_head_gradients(head, features, targets, bce), domains, E))
-    torch.testing.assert_close(
-        closed_form_variance(head, features, targets, domains, loss="bce_with_logits"), expected
+    expected = torch.stack(
+        ref.domain_variances(ref.per_sample_head_gradients(head, features, targets, bce), domains, E)
     )
+    torch.testing.assert_close(closed_form_variance(head, features, targets, domains, loss="bce_with_logits"), expected)
 
 
 @pytest.mark.parametrize("backend", ["closed_form", "backpack"])
@@ -132,7 +132,9 @@ def test_first_ema_update_uses_the_raw_variance_and_the_state_is_detached():
 def test_half_precision_inputs_are_computed_in_float32():
     head, features, targets, domains = make_batch(dtype=torch.float32)
     logits = head(features)
-    expected = FishrPenalty(num_domains=E, ema=0.0)(features.bfloat16().float(), logits.bfloat16().float(), targets, domains)
+    expected = FishrPenalty(num_domains=E, ema=0.0)(
+        features.bfloat16().float(), logits.bfloat16().float(), targets, domains
+    )
     value = FishrPenalty(num_domains=E, ema=0.0)(features.bfloat16(), logits.bfloat16(), targets, domains)
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, expected)

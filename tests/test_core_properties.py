@@ -34,7 +34,9 @@ def problems(draw):
 def reference_loss(loss):
     if loss == "cross_entropy":
         return lambda logits, y: F.cross_entropy(logits, y, reduction="sum")
-    return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype).reshape(logits.shape), reduction="sum")
+    return lambda logits, y: F.binary_cross_entropy_with_logits(
+        logits, y.to(logits.dtype).reshape(logits.shape), reduction="sum"
+    )
 
 
 @settings(max_examples=40, deadline=None)

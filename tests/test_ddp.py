@@ -3,8 +3,8 @@ weights of one process on the concatenated batch (CPU, gloo)."""
 
 import pytest
 import torch
-from test_callback import BATCH, DomainClassifier, MixinClassifier, assert_same_weights, batches, domain_data, trainer
 from process_group import CloseProcessGroup
+from test_callback import BATCH, DomainClassifier, MixinClassifier, assert_same_weights, batches, domain_data, trainer
 from torch.utils.data import DataLoader, Sampler
 
 from fishr_lightning import FishrCallback
@@ -40,9 +40,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
     else:
         two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    trainer(callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False).fit(
-        two_processes, half_batches
-    )
+    trainer(
+        callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False
+    ).fit(two_processes, half_batches)
     assert_same_weights(two_processes, one_process, rtol=1e-7)
 
 
@@ -66,9 +66,9 @@ def test_without_num_domains_two_processes_infer_it_over_ranks(entry_point):
     else:
         two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    trainer(callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False).fit(
-        two_processes, half_batches
-    )
+    trainer(
+        callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False
+    ).fit(two_processes, half_batches)
     assert_same_weights(two_processes, one_process, rtol=1e-7)
 
 
@@ -80,6 +80,9 @@ def test_checks_use_global_counts_so_every_rank_stops_alike():
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
     # ddp_spawn re-raises rank 0's FishrInputError wrapped, with its message.
     with pytest.raises(Exception, match=r"domain\(s\) \[2\] have \[1\] sample.*counts per domain: \[6, 17, 1\]"):
-        trainer(callbacks=[FishrCallback(num_domains=3), CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False).fit(
-            DomainClassifier(), half_batches
-        )
+        trainer(
+            callbacks=[FishrCallback(num_domains=3), CloseProcessGroup()],
+            strategy="ddp_spawn",
+            devices=2,
+            use_distributed_sampler=False,
+        ).fit(DomainClassifier(), half_batches)

@@ -24,7 +24,9 @@ def load_example():
 def test_fabric_loop_ends_on_the_weights_of_trainer_and_callback():
     example = load_example()
     with_trainer = DomainClassifier("adam", 0.01)
-    trainer(callbacks=[FishrCallback(penalty_weight=50.0, warmup_steps=2, ema=0.9)]).fit(with_trainer, batches(domain_data()))
+    trainer(callbacks=[FishrCallback(penalty_weight=50.0, warmup_steps=2, ema=0.9)]).fit(
+        with_trainer, batches(domain_data())
+    )
 
     with_fabric = DomainClassifier("adam", 0.01)
     # The module is float64 already. Not precision="64-true": Fabric casts a forward's outputs back to
@@ -35,7 +37,13 @@ def test_fabric_loop_ends_on_the_weights_of_trainer_and_callback():
         with_fabric.configure_optimizers(),
     )
     example.train(
-        fabric, model, optimizer, batches(domain_data()), FishrPenalty(ema=0.9), FishrSchedule(50.0, warmup_steps=2), max_steps=6
+        fabric,
+        model,
+        optimizer,
+        batches(domain_data()),
+        FishrPenalty(ema=0.9),
+        FishrSchedule(50.0, warmup_steps=2),
+        max_steps=6,
     )
     assert_same_weights(with_fabric, with_trainer)
 

@@ -25,7 +25,13 @@ def fishr_callback(cli):
 
 def test_fit_from_the_example_yaml(tmp_path):
     cli = load_example().main(
-        ["fit", "--config", str(EXAMPLES / "lightning_cli.yaml"), "--trainer.max_steps=4", f"--trainer.default_root_dir={tmp_path}"]
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "lightning_cli.yaml"),
+            "--trainer.max_steps=4",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
     )
     callback = fishr_callback(cli)
     assert (callback.schedule.penalty_weight, callback.schedule.warmup_steps, callback.head) == (100.0, 5, "classifier")
@@ -47,7 +53,11 @@ def test_fit_from_the_command_line(tmp_path):
         ]
     )
     callback = fishr_callback(cli)
-    assert (callback.schedule.penalty_weight, callback.penalty.ema, callback.penalty.param_reduction) == (10.0, 0.9, "sum")
+    assert (callback.schedule.penalty_weight, callback.penalty.ema, callback.penalty.param_reduction) == (
+        10.0,
+        0.9,
+        "sum",
+    )
     assert callback.penalty.num_updates == 3 and cli.trainer.callback_metrics["fishr/weight"].item() == 10.0
 
 
@@ -55,6 +65,12 @@ def test_fit_from_the_command_line(tmp_path):
 def test_the_cli_validates_the_callback_arguments(tmp_path, bad, capsys):
     with pytest.raises(SystemExit):
         load_example().main(
-            ["fit", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=fishr_lightning.FishrCallback", bad]
+            [
+                "fit",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.callbacks+=fishr_lightning.FishrCallback",
+                bad,
+            ]
         )
     assert bad.split("=")[0].split(".")[-1] in capsys.readouterr().err

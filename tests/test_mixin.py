@@ -4,7 +4,7 @@ import fishr_reference as ref
 import pytest
 import torch
 import torch.nn.functional as F
-from test_callback import E, DomainClassifier, assert_same_weights, batches, domain_data, domainbed_loop, trainer
+from test_callback import DomainClassifier, E, assert_same_weights, batches, domain_data, domainbed_loop, trainer
 from torch import nn
 
 from fishr_lightning import FishrInputError, FishrMixin
@@ -63,7 +63,10 @@ class TwoOptimizersManual(FishrMixin, DomainClassifier):
             optimizer.step()
 
     def configure_optimizers(self):
-        return [torch.optim.Adam(self.featurizer.parameters(), lr=0.01), torch.optim.Adam(self.classifier.parameters(), lr=0.01)]
+        return [
+            torch.optim.Adam(self.featurizer.parameters(), lr=0.01),
+            torch.optim.Adam(self.classifier.parameters(), lr=0.01),
+        ]
 
 
 def test_the_optimizer_reset_fires_once_at_the_first_step_past_warmup():
@@ -71,7 +74,10 @@ def test_the_optimizer_reset_fires_once_at_the_first_step_past_warmup():
     options = dict(penalty_weight=50.0, warmup_steps=3, ema=0.9)
     model = TwoOptimizersManual(**options)
     expected = TwoOptimizersManual(**options)
-    make = lambda: [torch.optim.Adam(expected.featurizer.parameters(), lr=0.01), torch.optim.Adam(expected.classifier.parameters(), lr=0.01)]  # noqa: E731
+    make = lambda: [
+        torch.optim.Adam(expected.featurizer.parameters(), lr=0.01),
+        torch.optim.Adam(expected.classifier.parameters(), lr=0.01),
+    ]  # noqa: E731
     optimizers, fishr, reset_done = make(), ref.ReferenceFishr(E, ema=0.9), False
     for batch_idx, (x, y, domains) in enumerate(batches(domain_data())):
         step = 2 * batch_idx
@@ -79,7 +85,9 @@ def test_the_optimizer_reset_fires_once_at_the_first_step_past_warmup():
             optimizers, reset_done = make(), True
         features = expected.featurizer(x)
         weight = 50.0 if step >= 3 else 0.0
-        loss = F.cross_entropy(expected.classifier(features), y) + weight * fishr(expected.classifier, features, y, domains)
+        loss = F.cross_entropy(expected.classifier(features), y) + weight * fishr(
+            expected.classifier, features, y, domains
+        )
         for optimizer in optimizers:
             optimizer.zero_grad()
         loss.backward()

@@ -55,12 +55,29 @@ def test_the_app_trains_fishr_with_two_ddp_processes(tmp_path):
     the per-domain moments and rank 0 writes the records and the done marker."""
     run_dir = tmp_path / "run"
     command = [
-        sys.executable, str(REPO / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.enable_progress_bar=false", "algorithm=fishr", *SMALL_SYNTHETIC, "steps=4", "checkpoint_freq=2",
-        "+hparams.penalty_anneal_iters=1", "+hparams.lambda=10", f"hydra.run.dir={run_dir}",
+        sys.executable,
+        str(REPO / "train.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.enable_progress_bar=false",
+        "algorithm=fishr",
+        *SMALL_SYNTHETIC,
+        "steps=4",
+        "checkpoint_freq=2",
+        "+hparams.penalty_anneal_iters=1",
+        "+hparams.lambda=10",
+        f"hydra.run.dir={run_dir}",
     ]
-    done = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        command,
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     written = records(run_dir)
     assert [r["step"] for r in written] == [0, 2, 3]  # DomainBed's labels: 4 updates
@@ -71,8 +88,15 @@ def test_the_app_trains_fishr_with_two_ddp_processes(tmp_path):
 def test_the_app_trains_fishr_in_bf16_mixed_precision(monkeypatch, tmp_path):
     run_dir = tmp_path / "run"
     status = run_app(
-        monkeypatch, run_dir, "algorithm=fishr", "trainer.precision=bf16-mixed", *SMALL_SYNTHETIC,
-        "steps=4", "checkpoint_freq=2", "+hparams.penalty_anneal_iters=1", "+hparams.lambda=10",
+        monkeypatch,
+        run_dir,
+        "algorithm=fishr",
+        "trainer.precision=bf16-mixed",
+        *SMALL_SYNTHETIC,
+        "steps=4",
+        "checkpoint_freq=2",
+        "+hparams.penalty_anneal_iters=1",
+        "+hparams.lambda=10",
     )
     assert status == 0
     last = records(run_dir)[-1]
@@ -85,7 +109,22 @@ def test_the_overhead_benchmark_runs_at_a_tiny_size(tmp_path):
     sys.modules["overhead"] = overhead  # its dataclasses look their module up there
     spec.loader.exec_module(overhead)
     output = tmp_path / "overhead.md"
-    overhead.main(["--device", "cpu", "--tiny", "--in-process", "--steps", "1", "--warmup", "1", "--workers", "0", "--output", str(output)])
+    overhead.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--in-process",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--output",
+            str(output),
+        ]
+    )
     table = output.read_text()
     for setting in ("PACS-tiny", "DomainNet-tiny"):
         for mode in ("erm", "closed_form", "backpack"):

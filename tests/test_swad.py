@@ -17,6 +17,8 @@ from fishr_lightning.averaging import LossValleyError, swad_window
 
 # -- the loss valley: (losses, n_converge, n_tolerance) -> (segments averaged, opened at, stopped at),
 # each traced by hand from khanrc/swad's domainbed/swad.py (tolerance_ratio 0.3).
+# A table: each comment belongs to its line, so the formatter leaves it as laid out.
+# fmt: off
 TRACES = {
     "never opens: the last segment alone": ([5, 4, 3, 2, 1], 3, 6, ((4,), None, None)),
     # Opens at evaluation 7 on segment 5 (threshold 1.3 * mean(5, 5.5, 6) = 7.15). The earlier window
@@ -42,6 +44,7 @@ TRACES = {
     "only the converge segment": ([1, 5, 5], 3, 3, ((0,), 2, None)),
     "ties open the valley (the oldest minimum wins)": ([2, 2, 2], 3, 3, ((1, 2), 2, None)),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("name", TRACES)
@@ -69,7 +72,11 @@ def test_loss_valley_state_round_trips_mid_valley():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"n_converge": 0}, "n_converge=0"), ({"n_tolerance": 2.5}, "n_tolerance=2.5"), ({"tolerance_ratio": -1}, "tolerance_ratio")],
+    [
+        ({"n_converge": 0}, "n_converge=0"),
+        ({"n_tolerance": 2.5}, "n_tolerance=2.5"),
+        ({"tolerance_ratio": -1}, "tolerance_ratio"),
+    ],
 )
 def test_loss_valley_refuses_bad_settings(options, message):
     with pytest.raises(LossValleyError, match=message):
@@ -128,9 +135,18 @@ class ScriptedValley(pl.LightningModule):
 
 def fit(module, steps, callbacks, ckpt_path=None, **kwargs):
     trainer = pl.Trainer(
-        max_steps=steps, val_check_interval=EVERY, check_val_every_n_epoch=None, limit_val_batches=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=callbacks, **kwargs,
+        max_steps=steps,
+        val_check_interval=EVERY,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+        **kwargs,
     )
     val = DataLoader(TensorDataset(torch.zeros(1, 5, dtype=torch.float64)), batch_size=1)
     trainer.fit(module, DataLoader(training_data(), batch_size=BATCH), val, ckpt_path=ckpt_path)

@@ -24,6 +24,8 @@ from fishr_lightning.app.reporting.model_selection import (
 # Fixture 1, our own format: dataset "toy" with 3 domains, algorithms erm and fishr, 2 hparams x 2 trials.
 # Per checkpoint: step -> ((env0 in, env0 out), (env1 in, env1 out), (env2 in, env2 out)).
 # ---------------------------------------------------------------------------------------------------------
+# A table: each comment belongs to its line, so the formatter leaves it as laid out.
+# fmt: off
 TOY_RUNS = {
     # (algorithm, test_env, hparams_seed, trial_seed): {step: accuracies}
     # erm, test domain 0. Training-domain validation = mean(env1 out, env2 out); test = env0 in.
@@ -50,6 +52,7 @@ TOY_RUNS = {
     ("erm", 2, 0, 0): {200: ((0.9, 0.8), (0.9, 0.8), (0.40, 0.30))},
     ("erm", 2, 0, 1): {200: ((0.9, 0.8), (0.9, 0.8), (0.40, 0.30))},
 }
+# fmt: on
 # Training-domain validation, per trial:  erm env0 [.60, .75]  -> 67.5 ± 0.075/sqrt(2) = 5.3
 #                                        erm env1 [.50, .60]  -> 55.0 ± 0.050/sqrt(2) = 3.5
 #                                        erm env2 [.40, .40]  -> 40.0 ± 0.0;  Avg (67.5+55+40)/3 = 54.2
@@ -101,8 +104,17 @@ def write_run(directory: Path, records: list[dict], done: bool = True, tail: str
 def toy_records(algorithm, test_env, hparams_seed, trial_seed) -> list[dict]:
     checkpoints = TOY_RUNS[(algorithm, test_env, hparams_seed, trial_seed)]
     return [
-        make_record("toy", algorithm, [test_env], hparams_seed, trial_seed, step, accuracies,
-                    loss=0.5, penalty=0.0 if algorithm == "erm" else 1e-3 * step)
+        make_record(
+            "toy",
+            algorithm,
+            [test_env],
+            hparams_seed,
+            trial_seed,
+            step,
+            accuracies,
+            loss=0.5,
+            penalty=0.0 if algorithm == "erm" else 1e-3 * step,
+        )
         for step, accuracies in checkpoints.items()
     ]
 
@@ -236,12 +248,33 @@ DOMAINBED_RUNS = {
 
 def domainbed_record(test_envs, hparams_seed, trial_seed, step, accuracies) -> dict:
     # The keys DomainBed's train.py writes besides the accuracies; fishr-collect must ignore them.
-    record = make_record("ColoredMNIST", "ERM", test_envs, hparams_seed, trial_seed, step, accuracies,
-                         loss=0.6, mem_gb=1.2, step_time=0.01)
-    record["args"].update({"checkpoint_freq": None, "data_dir": "/data", "holdout_fraction": 0.2, "hparams": None,
-                           "output_dir": "/sweep/x", "save_model_every_checkpoint": False, "seed": 0,
-                           "skip_model_save": False, "steps": None, "task": "domain_generalization",
-                           "uda_holdout_fraction": 0})
+    record = make_record(
+        "ColoredMNIST",
+        "ERM",
+        test_envs,
+        hparams_seed,
+        trial_seed,
+        step,
+        accuracies,
+        loss=0.6,
+        mem_gb=1.2,
+        step_time=0.01,
+    )
+    record["args"].update(
+        {
+            "checkpoint_freq": None,
+            "data_dir": "/data",
+            "holdout_fraction": 0.2,
+            "hparams": None,
+            "output_dir": "/sweep/x",
+            "save_model_every_checkpoint": False,
+            "seed": 0,
+            "skip_model_save": False,
+            "steps": None,
+            "task": "domain_generalization",
+            "uda_holdout_fraction": 0,
+        }
+    )
     return record
 
 
@@ -252,12 +285,17 @@ def domainbed_sweep(tmp_path: Path) -> Path:
     for (trial_seed, hparams_seed), checkpoints in DOMAINBED_RUNS.items():
         runs = {(0,): [], (0, 1): [], (0, 2): []}
         for step, (test_in, test_out, env1_out, env1_in_loo, env2_in_loo) in checkpoints.items():
-            runs[(0,)].append(domainbed_record(
-                [0], hparams_seed, trial_seed, step, ((test_in, test_out), (0.9, env1_out), (0.9, env1_out))))
-            runs[(0, 1)].append(domainbed_record(
-                [0, 1], hparams_seed, trial_seed, step, ((0.1, 0.1), (env1_in_loo, 0.2), (0.9, 0.9))))
-            runs[(0, 2)].append(domainbed_record(
-                [0, 2], hparams_seed, trial_seed, step, ((0.1, 0.1), (0.9, 0.9), (env2_in_loo, 0.2))))
+            runs[(0,)].append(
+                domainbed_record(
+                    [0], hparams_seed, trial_seed, step, ((test_in, test_out), (0.9, env1_out), (0.9, env1_out))
+                )
+            )
+            runs[(0, 1)].append(
+                domainbed_record([0, 1], hparams_seed, trial_seed, step, ((0.1, 0.1), (env1_in_loo, 0.2), (0.9, 0.9)))
+            )
+            runs[(0, 2)].append(
+                domainbed_record([0, 2], hparams_seed, trial_seed, step, ((0.1, 0.1), (0.9, 0.9), (env2_in_loo, 0.2)))
+            )
         for records in runs.values():
             # DomainBed names run directories by an md5 of their arguments.
             write_run(sweep / f"{run_number:032x}", records)

@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
 from fishr_lightning import FishrCallback
-from fishr_lightning.heads import resolve_head
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import use_input_config
 from fishr_lightning.app.training.module import DomainClassifier
-from fishr_lightning.app.training.timm_backbone import TimmFeaturizer
 from fishr_lightning.app.training.run import CONFIG_MODULE, main
+from fishr_lightning.app.training.timm_backbone import TimmFeaturizer
 from fishr_lightning.functional import closed_form_moments, domain_gradient_variance, logit_gradients
+from fishr_lightning.heads import resolve_head
 
 PRESETS = {
     "resnet50_augmix": ("resnet50.ram_in1k", False),
@@ -129,7 +129,9 @@ def test_every_preset_composes_and_builds_its_architecture(preset):
 
 def test_the_default_backbone_stays_torchvisions_resnet50():
     cfg = compose_train(["dataset=pacs"])
-    assert cfg.backbone._target_ == "fishr_lightning.app.training.backbones.ResNetFeaturizer" and cfg.backbone.depth == 50
+    assert (
+        cfg.backbone._target_ == "fishr_lightning.app.training.backbones.ResNetFeaturizer" and cfg.backbone.depth == 50
+    )
 
 
 # -- Fishr on timm models used directly ------------------------------------------------------------

@@ -191,7 +191,9 @@ class FishrCallback(Callback):
 
     # -- per step -------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.schedule.maybe_reset(trainer.global_step, trainer.optimizers)
 
     def _record_head_io(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:

@@ -119,7 +119,10 @@ class FishrMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self, "fishr"):
-            checkpoint["fishr"] = {"penalty": self.fishr.state_dict(), "last_reset_step": self.fishr_schedule.last_reset_step}
+            checkpoint["fishr"] = {
+                "penalty": self.fishr.state_dict(),
+                "last_reset_step": self.fishr_schedule.last_reset_step,
+            }
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

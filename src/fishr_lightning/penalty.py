@@ -183,9 +183,13 @@ class FishrPenalty:
         has_bias = head.bias is not None if head is not None else self.head_bias
         delta_NC = FF.logit_gradients(logits_NC, targets, self.loss)
         C, D = delta_NC.shape[1], features_ND.shape[1]
-        return FF.closed_form_per_sample_gradients(features_ND, delta_NC, bias=has_bias), [C * D] + ([C] if has_bias else [])
+        return FF.closed_form_per_sample_gradients(features_ND, delta_NC, bias=has_bias), [C * D] + (
+            [C] if has_bias else []
+        )
 
-    def _prepare(self, features_ND: Tensor, logits_NC: Tensor, targets: Tensor, domains_N: Tensor) -> tuple[Tensor, Tensor]:
+    def _prepare(
+        self, features_ND: Tensor, logits_NC: Tensor, targets: Tensor, domains_N: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Check shapes, fix ``num_domains`` on the first call, and promote half precision to float32
         (AMP): squared per-sample gradients underflow in float16."""
         self._check_shapes(features_ND, logits_NC, targets, domains_N)
@@ -207,7 +211,9 @@ class FishrPenalty:
         """Every check of a step from one host synchronisation: ids in range, ≥ 2 samples per
         domain, a finite penalty. The EMA state is only committed after they pass."""
         finite = torch.isfinite(penalty.detach()).to(count_E.dtype)
-        *counts, unassigned_count, is_finite = torch.cat([count_E.detach(), unassigned.detach()[None], finite[None]]).tolist()
+        *counts, unassigned_count, is_finite = torch.cat(
+            [count_E.detach(), unassigned.detach()[None], finite[None]]
+        ).tolist()
         if unassigned_count:
             FF.check_domain_ids(domains_N, self.num_domains)
             raise FishrInputError(  # the ids out of range are on another rank: every rank stops alike

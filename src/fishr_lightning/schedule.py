@@ -41,7 +41,9 @@ class FishrSchedule:
     per batch (several optimizers, manual optimization): the reset still fires once.
     """
 
-    def __init__(self, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0, reset_optimizer: bool = True) -> None:
+    def __init__(
+        self, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0, reset_optimizer: bool = True
+    ) -> None:
         if penalty_weight < 0 or warmup_steps < 0 or ramp_steps < 0:
             raise FishrInputError(
                 f"penalty_weight, warmup_steps and penalty_ramp_steps must be >= 0, got "

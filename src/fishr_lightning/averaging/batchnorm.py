@@ -18,7 +18,9 @@ def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
     ResNets keep it in eval mode during training) has none, and its statistics need no recomputing.
     """
     return [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
     ]
 
 

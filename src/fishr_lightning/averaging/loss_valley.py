@@ -93,7 +93,9 @@ class LossValley:
         for name in ("n_converge", "n_tolerance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LossValleyError(f"{name}={value!r}: it is a number of evaluations, a positive integer (SWAD: 3 and 6).")
+                raise LossValleyError(
+                    f"{name}={value!r}: it is a number of evaluations, a positive integer (SWAD: 3 and 6)."
+                )
         if not (isinstance(self.tolerance_ratio, (int, float)) and self.tolerance_ratio >= 0):
             raise LossValleyError(f"tolerance_ratio={self.tolerance_ratio!r}: it must be >= 0 (SWAD: 0.3).")
         self.reset()

@@ -140,7 +140,9 @@ class SWADCallback(WeightAveraging):
 
     # -- during training ------------------------------------------------------------------------
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._batchnorm_trainable is None:
             self._batchnorm_trainable = bool(trainable_batchnorms(pl_module))
         if trainer.global_step > self._latest_update_step and self._segment_first_step is None:
@@ -167,7 +169,9 @@ class SWADCallback(WeightAveraging):
         loss = float(trainer.strategy.broadcast(float(loss), src=0))  # one decision on every rank
         index = self.valley.num_segments
         if not self.valley.dead:
-            self._kept_segments[index] = [p.detach().to("cpu", copy=True) for p in self._average_model.module.parameters()]
+            self._kept_segments[index] = [
+                p.detach().to("cpu", copy=True) for p in self._average_model.module.parameters()
+            ]
             self._segment_steps[index] = (self._segment_first_step, trainer.global_step)
         for segment in self.valley.update(loss):
             self._add_to_final(segment)
@@ -246,10 +250,14 @@ class SWADCallback(WeightAveraging):
 
     # -- checkpointing --------------------------------------------------------------------------
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """The module's own weights stay the checkpoint's ``state_dict``; SWAD's state is the callback's."""
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """(See ``on_save_checkpoint``.)"""
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,5 +31,3 @@ def load_domains(
     if spec.name in MNIST_DATASETS:
         return load_mnist_domains(spec, data_dir, seed)
     return load_image_folder_domains(spec, data_dir, image_size, augment)
-
-

@@ -111,5 +111,3 @@ def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int
         eval_transform=eval_image_transform(image_size),
         class_names=reference_classes,
     )
-
-

@@ -22,7 +22,6 @@ COLORED_MNIST_FLIP_PROBABILITY = (0.1, 0.2, 0.9)
 ROTATED_MNIST_ANGLES = (0, 15, 30, 45, 60, 75)
 
 
-
 class UInt8ImageDataset(Dataset):
     """Images kept as uint8 ``[N, C, H, W]`` (a quarter of the memory), returned as floats in [0, 1]."""
 
@@ -90,5 +89,3 @@ def rotated_mnist_domain(images_N28x28: Tensor, digits_N: Tensor, angle: float) 
         ]
     )
     return UInt8ImageDataset(torch.from_numpy(rotated_NHW)[:, None], digits_N.long())
-
-

@@ -85,6 +85,7 @@ MNIST_DATASETS = {
     ),
 }
 
+
 def dataset_spec(name: str) -> DatasetSpec:
     specs = {**IMAGE_FOLDER_DATASETS, **MNIST_DATASETS, SYNTHETIC_SPEC.name: SYNTHETIC_SPEC}
     if name not in specs:

@@ -34,7 +34,6 @@ from fishr_lightning.app.reporting.model_selection import (
 )
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, Sweep, SweepError, load_sweep
 
-
 # DomainBed's datasets.DATASETS order for tables; other datasets follow alphabetically.
 DATASET_ORDER = [
     "Debug28",

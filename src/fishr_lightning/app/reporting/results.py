@@ -44,7 +44,9 @@ class RecordWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as results_file:
-            results_file.write(json.dumps({**record, "hparams": self.hparams, "args": self.args}, sort_keys=True) + "\n")
+            results_file.write(
+                json.dumps({**record, "hparams": self.hparams, "args": self.args}, sort_keys=True) + "\n"
+            )
 
     def table_rows(self, record: dict[str, Any]) -> list[str]:
         """DomainBed's console table: a header the first time, then one row per evaluation."""

@@ -32,7 +32,9 @@ class SWADValleyLoss(Callback):
     def __init__(self, swad: SWADCallback, datamodule: DomainBedDataModule, eval_every: int) -> None:
         self.swad, self.datamodule, self.eval_every = swad, datamodule, eval_every
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step - 1
         if step % self.eval_every == 0:
             self.swad.end_segment(trainer, self.training_domains_out_loss(trainer, pl_module, step))
@@ -67,12 +69,16 @@ def averaging_callbacks(cfg: DictConfig, datamodule: DomainBedDataModule) -> lis
             bn_update_batches=averaging.bn_update_batches,
         )
         return [swad, SWADValleyLoss(swad, datamodule, averaging.eval_every)]
-    raise AppError(f"averaging.name={averaging.name!r} is not one of the averaging configs: use averaging=none, swad or ema.")
+    raise AppError(
+        f"averaging.name={averaging.name!r} is not one of the averaging configs: use averaging=none, swad or ema."
+    )
 
 
 def check_swad_evaluations(steps: int, eval_every: Any, n_converge: int) -> None:
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise AppError(f"averaging.eval_every={eval_every}: a number of steps between SWAD's evaluations, a positive integer.")
+        raise AppError(
+            f"averaging.eval_every={eval_every}: a number of steps between SWAD's evaluations, a positive integer."
+        )
     evaluations = len(range(0, steps, eval_every))
     if evaluations < n_converge:
         raise AppError(

@@ -223,7 +223,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     records = read_records(run_dir)
     # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
     finished = bool(records) and (records[-1]["step"] == cfg.steps - 1 or stopped_early(averaging))
-    averaged = record_averaged_model(trainer, module, evaluation, averaging, cfg, run_dir, records[-1]["step"] if records else 0)
+    averaged = record_averaged_model(
+        trainer, module, evaluation, averaging, cfg, run_dir, records[-1]["step"] if records else 0
+    )
     save_model(trainer, module, run_dir, cfg.save_model, backbone, data.input_shape, spec.num_classes, records)
     if trainer.is_global_zero:
         if finished:
@@ -233,7 +235,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             print(summary(records[-1], spec.environments, test_envs, cfg.algorithm.name))
         if averaged:
             accuracy = ", ".join(f"{100 * averaged[f'env{env}_in_acc']:.1f}%" for env in test_envs)
-            print(f"{averaged['args']['algorithm']} (averaged weights, in {AVERAGED_FILE}): test-domain accuracy {accuracy}.")
+            print(
+                f"{averaged['args']['algorithm']} (averaged weights, in {AVERAGED_FILE}): test-domain accuracy {accuracy}."
+            )
     return records[-1] if records else None
 
 
@@ -339,9 +343,7 @@ def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
 def summary(record: dict[str, Any], environments: tuple[str, ...], test_envs: list[int], algorithm: str) -> str:
     """The per-domain table, the test-domain accuracy in words, and the baseline command."""
     lines = [summary_table(record, environments, test_envs)]
-    test = ", ".join(
-        f"{environments[env]} {format_accuracy(record.get(f'env{env}_in_acc'))}" for env in test_envs
-    )
+    test = ", ".join(f"{environments[env]} {format_accuracy(record.get(f'env{env}_in_acc'))}" for env in test_envs)
     lines.append(f"{algorithm}: test-domain accuracy {test} (the test domains' in split, as DomainBed reports).")
     if algorithm != "ERM":
         lines.append(
