@@ -84,21 +84,38 @@ def test_a_batch_the_processes_cannot_share_equally_is_refused():
         DomainBatchSampler([10, 20], batch_size=5, total_steps=5, seed=0, world_size=2)
 
 
+def evaluated_samples(datamodule, step=0, rank=0, world_size=1, splits=None):
+    """``{split: [(x, y), ...]}`` of one evaluation, in order, and the batches' sizes per split."""
+    samples, batch_sizes = {}, {}
+    for x, y, split_N in datamodule.eval_loader(step, rank, world_size, splits):
+        (split,) = split_N.unique().tolist()  # a batch never mixes splits
+        samples.setdefault(split, []).extend(zip(x, y))
+        batch_sizes.setdefault(split, []).append(len(y))
+    return samples, batch_sizes
+
+
 def test_every_domains_in_and_out_split_is_evaluated_and_processes_split_them_without_repeats():
     datamodule = small_synthetic_module()
-    loaders = datamodule.eval_dataloaders(step=0)
+    datamodule.eval_batch_size = 16
     assert datamodule.eval_names == ["env0_in", "env1_in", "env2_in", "env0_out", "env1_out", "env2_out"]
     assert [split.name for split in datamodule.eval_splits()] == datamodule.eval_names
-    assert [len(loader.dataset) for loader in loaders] == [40, 40, 40, 10, 10, 10]
-    x, y = next(iter(loaders[0]))
-    assert x.shape[1:] == (16,) and y.dtype == torch.long
+    samples, batch_sizes = evaluated_samples(datamodule)
+    assert {split: len(items) for split, items in samples.items()} == {0: 40, 1: 40, 2: 40, 3: 10, 4: 10, 5: 10}
+    assert batch_sizes[0] == [16, 16, 8] and batch_sizes[3] == [10]  # each split batched on its own
+    x, y = samples[0][0]
+    assert x.shape == (16,) and y.dtype == torch.long
+    # Each split in its own order, as DomainBed's per-split loaders read it.
+    split_0 = datamodule.eval_splits()[0]
+    assert all(torch.equal(x, split_0[i][0]) for i, (x, _) in enumerate(samples[0]))
     # 3 processes: every sample of every split once, none padded or repeated.
-    shards = [datamodule.eval_dataloaders(step=0, rank=rank, world_size=3) for rank in range(3)]
-    for index, loader in enumerate(loaders):
-        everything = torch.cat([x for x, _ in loader])
-        parts = torch.cat([x for rank in range(3) for x, _ in shards[rank][index]])
+    shards = [evaluated_samples(datamodule, rank=rank, world_size=3)[0] for rank in range(3)]
+    for split, items in samples.items():
+        everything = torch.stack([x for x, _ in items])
+        parts = torch.stack([x for rank in range(3) for x, _ in shards[rank][split]])
         assert len(parts) == len(everything)
         assert sorted(map(tuple, parts.tolist())) == sorted(map(tuple, everything.tolist()))
+    # SWAD's valley loss asks for some splits only.
+    assert sorted(evaluated_samples(datamodule, splits=[4, 5])[0]) == [4, 5]
 
 
 def pacs_module(tmp_path, eval_augmentation):
@@ -109,7 +126,8 @@ def pacs_module(tmp_path, eval_augmentation):
 
 
 def first_eval_batches(datamodule, step):
-    return [next(iter(loader))[0] for loader in datamodule.eval_dataloaders(step=step)]
+    samples, _ = evaluated_samples(datamodule, step)
+    return [torch.stack([x for x, _ in samples[split][:2]]) for split in sorted(samples)]
 
 
 def test_training_domains_are_evaluated_through_the_training_augmentation_reproducibly(tmp_path):
@@ -124,6 +142,28 @@ def test_training_domains_are_evaluated_through_the_training_augmentation_reprod
             assert not torch.equal(aug, plain), name
             assert torch.equal(aug, aug_again), name  # the same draw when the step is the same
             assert not torch.equal(aug, later), name  # another draw at another step
+
+
+def test_one_evaluation_loader_with_persistent_workers_serves_every_evaluation_with_its_own_step(tmp_path):
+    """The step travels in the sampler's keys, so workers started once draw each evaluation's own
+    augmentation: the same tensors as reading in the main process, evaluation after evaluation."""
+    root = write_pacs(tmp_path, images_per_class=2)
+    data = load_domains("PACS", root, image_size=24)
+    in_process = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5)
+    workers = DomainBedDataModule(
+        data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5, num_workers=2, persistent_workers=True
+    )
+    pools = []
+    for step in (3, 6, 3):
+        expected, _ = evaluated_samples(in_process, step)
+        got, _ = evaluated_samples(workers, step)
+        assert sorted(got) == sorted(expected)
+        for split in expected:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got[split], expected[split])), (step, split)
+        pools.append(workers.eval_loader(step)._iterator)
+    assert pools[0] is not None and pools[0] is pools[1] is pools[2]  # one worker pool for the run
+    workers.teardown("fit")
+    assert workers._eval_loader is None
 
 
 def test_synthetic_spurious_feature_agrees_with_the_label_as_designed_and_reverses_in_domain_0():

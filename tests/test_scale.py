@@ -131,3 +131,15 @@ def test_the_overhead_benchmark_runs_at_a_tiny_size(tmp_path):
             assert f"| {setting} |" in table and f"| {mode} |" in table
     assert "backpack / closed_form" in table
     assert "| 0 |" in table.split("Data pipeline")[1]  # images/s with the loader in the main process
+
+
+def test_the_evaluation_benchmark_runs_at_a_tiny_size(capsys):
+    spec = importlib.util.spec_from_file_location("evaluation_benchmark", REPO / "benchmarks" / "evaluation.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--images-per-class", "1", "--image-size", "32", "--evaluations", "2", "--workers", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "images/s" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| per split, re-created (DomainBed)",
+        "| one, workers kept (the app)",
+    ]

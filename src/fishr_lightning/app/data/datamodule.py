@@ -20,7 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.specs import MultiDomainData
@@ -39,9 +40,9 @@ def split_indices(length: int, holdout_fraction: float, seed: int) -> tuple[list
 class DomainSplit(Dataset):
     """Items ``indices`` of a domain, transformed; with ``domain_id`` set, items are ``(x, y, domain_id)``.
 
-    With ``seed`` set, the transform's random draws for item ``i`` come from a generator seeded by
-    ``(seed, step, name, i)`` (``step`` set before each evaluation): a random augmentation that is the
-    same in every re-run and every process layout."""
+    With ``seed`` set, the transform's random draws for item ``i`` at evaluation ``step`` come from a
+    generator seeded by ``(seed, step, name, i)`` (``item(i, step)``): a random augmentation that is the
+    same in every re-run, every process layout and every worker."""
 
     def __init__(
         self,
@@ -58,12 +59,14 @@ class DomainSplit(Dataset):
         self.domain_id = domain_id
         self.seed = seed
         self.name = name
-        self.step = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
+        return self.item(index)
+
+    def item(self, index: int, step: int = 0) -> tuple[Any, ...]:
         x, y = self.dataset[self.indices[index]]
         if self.transform is not None:
             if self.seed is None:
@@ -71,7 +74,7 @@ class DomainSplit(Dataset):
             else:
                 # torchvision's random transforms draw from torch's global RNG: fork it, seed it per sample.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed_hash(self.seed, self.step, self.name, index))
+                    torch.manual_seed(seed_hash(self.seed, step, self.name, index))
                     x = self.transform(x)
         y = torch.as_tensor(y, dtype=torch.long)
         if self.domain_id is None:
@@ -138,6 +141,49 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
         )
 
 
+EvaluationKey = tuple[int, int, int]  # (step, split, index in the split)
+
+
+class EvaluationSplits(Dataset):
+    """Every evaluation split behind one dataset, addressed by ``(step, split, index)`` keys: the key
+    carries the evaluation's step to the workers, so one loader with persistent workers serves every
+    evaluation of a run. Items are ``(x, y, split)``."""
+
+    def __init__(self, splits: Sequence[DomainSplit]) -> None:
+        self.splits = list(splits)
+
+    def __getitem__(self, key: EvaluationKey) -> tuple[Any, Any, Tensor]:
+        step, split, index = key
+        x, y = self.splits[split].item(index, step)
+        return x, y, torch.tensor(split, dtype=torch.long)
+
+
+class EvaluationSampler(Sampler[list[EvaluationKey]]):
+    """Batches of keys for the evaluation asked for last (``ask``): for each split asked for, in order,
+    process ``rank``'s samples ``rank, rank + W, ...`` in batches of ``batch_size``, never mixing
+    splits (DomainBed evaluates each split with its own loader, in batches of 64). It runs in the main
+    process, so a new ``ask`` before each evaluation reaches persistent workers through the keys."""
+
+    def __init__(self, split_sizes: Sequence[int], batch_size: int) -> None:
+        self.split_sizes = list(split_sizes)
+        self.batch_size = batch_size
+        self.ask(step=0)
+
+    def ask(self, step: int, rank: int = 0, world_size: int = 1, splits: Sequence[int] | None = None) -> None:
+        self.step, self.rank, self.world_size = step, rank, world_size
+        self.splits = list(range(len(self.split_sizes))) if splits is None else list(splits)
+
+    def __iter__(self) -> Iterator[list[EvaluationKey]]:
+        for split in self.splits:
+            shard = range(self.rank, self.split_sizes[split], self.world_size)
+            for start in range(0, len(shard), self.batch_size):
+                yield [(self.step, split, index) for index in shard[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        shards = (len(range(self.rank, self.split_sizes[split], self.world_size)) for split in self.splits)
+        return sum(-(-size // self.batch_size) for size in shards)
+
+
 class DomainBedDataModule(pl.LightningDataModule):
     """Args:
     data: the dataset's domains (``datasets.load_domains``).
@@ -150,7 +196,8 @@ class DomainBedDataModule(pl.LightningDataModule):
     eval_batch_size: batch size of the evaluation loaders (DomainBed: 64).
     eval_augmentation: evaluate the training domains' splits through the training transform, as
         DomainBed (its training environments carry the augmentation); False: without it.
-    num_workers, pin_memory, persistent_workers: the DataLoaders' (keep a GPU fed).
+    num_workers, pin_memory, persistent_workers: the DataLoaders' (keep a GPU fed); persistent workers
+        serve the training loader and the one evaluation loader for the whole run.
     """
 
     def __init__(
@@ -186,6 +233,7 @@ class DomainBedDataModule(pl.LightningDataModule):
             split_indices(len(domain), holdout_fraction, seed_hash(trial_seed, env))
             for env, domain in enumerate(data.domains)
         ]
+        self._eval_loader: DataLoader | None = None
 
     @property
     def eval_names(self) -> list[str]:
@@ -236,14 +284,21 @@ class DomainBedDataModule(pl.LightningDataModule):
                 )
         return splits
 
-    def eval_dataloaders(self, step: int, rank: int = 0, world_size: int = 1) -> list[DataLoader]:
-        """The evaluation loaders at ``step``; process ``rank`` reads samples ``rank, rank + W, ...``."""
-        # Workers of 2×(domains) evaluation loaders are not kept alive between evaluations: with
-        # DomainNet's 6 domains that would be 12 pools of idle processes.
-        eval_options = {**self.loader_options, "persistent_workers": False}
-        loaders = []
-        for split in self.eval_splits():
-            split.step = step
-            shard = Subset(split, range(rank, len(split), world_size)) if world_size > 1 else split
-            loaders.append(DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, **eval_options))
-        return loaders
+    def eval_loader(
+        self, step: int, rank: int = 0, world_size: int = 1, splits: Sequence[int] | None = None
+    ) -> DataLoader:
+        """The evaluation at ``step`` of ``splits`` (indices into ``eval_splits()``; default all) as one
+        loader of ``(x, y, split)`` batches; process ``rank`` reads samples ``rank, rank + W, ...`` of each.
+
+        One loader serves the whole run: with ``persistent_workers`` its worker pool is started once,
+        not once per split and evaluation (DomainBed re-creates a loader per split, 12 pools per
+        evaluation on DomainNet)."""
+        if self._eval_loader is None:
+            eval_splits = self.eval_splits()
+            sampler = EvaluationSampler([len(split) for split in eval_splits], self.eval_batch_size)
+            self._eval_loader = DataLoader(EvaluationSplits(eval_splits), batch_sampler=sampler, **self.loader_options)
+        self._eval_loader.batch_sampler.ask(step, rank, world_size, splits)
+        return self._eval_loader
+
+    def teardown(self, stage: str) -> None:
+        self._eval_loader = None  # its persistent workers end with it

@@ -40,13 +40,16 @@ class SWADValleyLoss(Callback):
             self.swad.end_segment(trainer, self.training_domains_out_loss(trainer, pl_module, step))
 
     def training_domains_out_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> float:
-        wanted = {f"env{env}_out" for env in self.datamodule.train_envs}
-        splits = [split.name for split in self.datamodule.eval_splits()]
-        loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
-        out_loaders = [loader for name, loader in zip(splits, loaders) if name in wanted]
-        sums_S2 = per_split_sums(
-            trainer, pl_module, out_loaders, lambda logits, y_N: F.cross_entropy(logits, y_N, reduction="sum")
+        out_splits = [self.datamodule.eval_names.index(f"env{env}_out") for env in self.datamodule.train_envs]
+        loader = self.datamodule.eval_loader(step, trainer.global_rank, trainer.world_size, splits=out_splits)
+        sums_L2 = per_split_sums(
+            trainer,
+            pl_module,
+            loader,
+            len(self.datamodule.eval_names),
+            lambda logits, y_N: F.cross_entropy(logits, y_N, reduction="none"),
         )
+        sums_S2 = sums_L2[out_splits]
         return float((sums_S2[:, 0] / sums_S2[:, 1].clamp(min=1)).mean())
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +37,28 @@ def record_steps(steps: int, checkpoint_freq: int) -> list[int]:
     return [step for step in range(steps) if is_record_step(step, steps, checkpoint_freq)]
 
 
-@torch.no_grad()
 def per_split_sums(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
-    loaders: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    batch_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    num_splits: int,
+    per_sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """``[L, 2]`` float64: for each loader, the sum of ``batch_sum(logits, y_N)`` over its batches and
-    its number of samples, summed over processes (each reads its own share of every split), with the
-    module in eval mode under the trainer's precision. Accuracies and SWAD's valley loss are both ratios
-    of these sums, so every sample counts once whatever the number of processes."""
-    sums_L2 = torch.zeros(len(loaders), 2, dtype=torch.float64, device=pl_module.device)
+    """``[L, 2]`` float64: for each split, the sum of ``per_sample(logits, y_N)`` (``[N]``) over its
+    samples and its number of samples, summed over processes (each reads its own share of every split),
+    with the module in eval mode under the trainer's precision and ``torch.inference_mode``.
+    ``loader`` yields ``(x, y_N, split_N)`` (``DomainBedDataModule.eval_loader``). Accuracies and
+    SWAD's valley loss are both ratios of these sums, so every sample counts once whatever the number
+    of processes."""
+    sums_L2 = torch.zeros(num_splits, 2, dtype=torch.float64, device=pl_module.device)
     was_training = pl_module.training
     pl_module.eval()
     try:
-        with trainer.precision_plugin.forward_context():
-            for index, loader in enumerate(loaders):
-                for x, y_N in loader:
-                    x, y_N = x.to(pl_module.device), y_N.to(pl_module.device)
-                    sums_L2[index, 0] += batch_sum(pl_module(x).float(), y_N).double()
-                    sums_L2[index, 1] += len(y_N)
+        with torch.inference_mode(), trainer.precision_plugin.forward_context():
+            for x, y_N, split_N in loader:
+                x, y_N, split_N = (t.to(pl_module.device) for t in (x, y_N, split_N))
+                values_N = per_sample(pl_module(x).float(), y_N).double()
+                sums_L2.index_add_(0, split_N, torch.stack([values_N, torch.ones_like(values_N)], dim=1))
     finally:
         pl_module.train(was_training)
     if trainer.world_size > 1:
@@ -81,7 +82,7 @@ class DomainBedEvaluation(Callback):
     """Evaluates and records at DomainBed's steps; saves ``resume_checkpoint`` after each record.
 
     Args:
-        datamodule: gives the evaluation loaders (``eval_dataloaders``) and their names.
+        datamodule: gives the evaluation loader (``eval_loader``) and the splits' names.
         writer: writes and formats the records.
         steps: updates in all (DomainBed's ``n_steps``).
         checkpoint_freq: DomainBed's.
@@ -159,9 +160,11 @@ class DomainBedEvaluation(Callback):
 
     def accuracies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         """``{env{i}_{in,out}_acc: accuracy}`` over every split, each sample counted once."""
-        loaders = self.datamodule.eval_dataloaders(step, trainer.global_rank, trainer.world_size)
-        sums_L2 = per_split_sums(trainer, pl_module, loaders, lambda logits, y_N: (logits.argmax(dim=1) == y_N).sum())
-        names = [f"{split.name}_acc" for split in self.datamodule.eval_splits()]
+        loader = self.datamodule.eval_loader(step, trainer.global_rank, trainer.world_size)
+        names = [f"{name}_acc" for name in self.datamodule.eval_names]
+        sums_L2 = per_split_sums(
+            trainer, pl_module, loader, len(names), lambda logits, y_N: logits.argmax(dim=1) == y_N
+        )
         return {
             name: float(correct / total) if total > 0 else None  # DomainBed: an empty split has no accuracy
             for name, (correct, total) in zip(names, sums_L2.cpu().tolist())
