@@ -28,10 +28,8 @@ class RankInterleavedSampler(Sampler):
         return self.size // 2
 
 
-@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
-    dataset = domain_data()
-    options = {"penalty_weight": 50.0, "warmup_steps": 2, "ema": 0.9, "num_domains": 3}
+def assert_two_processes_train_to_one_process(entry_point, dataset, options):
+    """One process on whole batches, then two (ddp_spawn, gloo) on interleaved halves: same weights."""
     one_process = DomainClassifier("adam", 0.01)
     trainer(callbacks=[FishrCallback(**options)]).fit(one_process, batches(dataset))
 
@@ -44,6 +42,13 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
         callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False
     ).fit(two_processes, half_batches)
     assert_same_weights(two_processes, one_process, rtol=1e-7)
+
+
+@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(entry_point):
+    dataset = domain_data()
+    options = {"penalty_weight": 50.0, "warmup_steps": 2, "ema": 0.9, "num_domains": 3}
+    assert_two_processes_train_to_one_process(entry_point, dataset, options)
 
 
 def domains_split_across_ranks(dataset):
@@ -58,18 +63,7 @@ def domains_split_across_ranks(dataset):
 def test_without_num_domains_two_processes_infer_it_over_ranks(entry_point):
     dataset = domains_split_across_ranks(domain_data())
     options = {"penalty_weight": 50.0, "warmup_steps": 2, "ema": 0.9}
-    one_process = DomainClassifier("adam", 0.01)
-    trainer(callbacks=[FishrCallback(**options)]).fit(one_process, batches(dataset))
-
-    if entry_point == "callback":
-        two_processes, callbacks = DomainClassifier("adam", 0.01), [FishrCallback(**options)]
-    else:
-        two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
-    half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    trainer(
-        callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False
-    ).fit(two_processes, half_batches)
-    assert_same_weights(two_processes, one_process, rtol=1e-7)
+    assert_two_processes_train_to_one_process(entry_point, dataset, options)
 
 
 def test_checks_use_global_counts_so_every_rank_stops_alike():
