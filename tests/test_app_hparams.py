@@ -77,5 +77,48 @@ def test_adding_a_hyperparameter_changes_no_other_draw(monkeypatch):
 
 
 def test_an_unknown_algorithm_is_refused():
-    with pytest.raises(ValueError, match="ERM, Fishr"):
-        default_hparams("IRM", "PACS")
+    with pytest.raises(ValueError, match="ERM, Fishr, IRM"):
+        default_hparams("DANN", "PACS")
+
+
+# DomainBed's registry entries of the comparison set (hparams_registry.py): (default, low, high) of the
+# exponent or value, and how a uniform draw u becomes the value.
+COMPARISON_SET = {
+    "IRM": {"irm_lambda": (1e2, -1, 5, lambda u: 10**u), "irm_penalty_anneal_iters": (500, 0, 4, lambda u: int(10**u))},
+    "VREx": {
+        "vrex_lambda": (1e1, -1, 5, lambda u: 10**u),
+        "vrex_penalty_anneal_iters": (500, 0, 4, lambda u: int(10**u)),
+    },
+    "CORAL": {"mmd_gamma": (1.0, -1, 1, lambda u: 10**u)},
+    "MMD": {"mmd_gamma": (1.0, -1, 1, lambda u: 10**u)},
+    "GroupDRO": {"groupdro_eta": (1e-2, -3, -1, lambda u: 10**u)},
+    "Mixup": {"mixup_alpha": (0.2, -1, 1, lambda u: 10**u)},
+    "SD": {"sd_reg": (0.1, -5, -1, lambda u: 10**u)},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(COMPARISON_SET))
+@pytest.mark.parametrize("dataset", ["PACS", "ColoredMNIST"])
+def test_comparison_set_defaults_and_draws_are_domainbeds(algorithm, dataset):
+    defaults = default_hparams(algorithm, dataset)
+    erm_defaults = default_hparams("ERM", dataset)
+    assert {k: v for k, v in defaults.items() if k not in COMPARISON_SET[algorithm]} == erm_defaults
+    for hparams_seed, trial_seed in ((1, 0), (7, 2)):
+        draw = hparams_for(algorithm, dataset, hparams_seed, trial_seed)
+        # Shared names draw as ERM's: paired comparisons.
+        assert {k: v for k, v in draw.items() if k not in COMPARISON_SET[algorithm]} == hparams_for(
+            "ERM", dataset, hparams_seed, trial_seed
+        )
+        for name, (default, low, high, to_value) in COMPARISON_SET[algorithm].items():
+            assert defaults[name] == default
+            # DomainBed's _hparam: RandomState(seed_hash(seed_hash(hparams_seed, trial_seed), name)).uniform(low, high)
+            state = np.random.RandomState(seed_hash(seed_hash(hparams_seed, trial_seed), name))
+            assert draw[name] == to_value(state.uniform(low, high))
+
+
+def test_a_comparison_draw_is_pinned():
+    draw = hparams_for("IRM", "PACS", hparams_seed=1, trial_seed=0)
+    assert draw["irm_lambda"] == pytest.approx(
+        65030.52212762795, rel=1e-12
+    )  # DomainBed's random_hparams("IRM", "PACS", seed_hash(1, 0))
+    assert draw["irm_penalty_anneal_iters"] == 2

@@ -10,6 +10,7 @@ and mean ± standard error over trials, then DomainBed's averages table over dat
     fishr-collect sweeps/domainbed                      # Markdown on stdout
     fishr-collect sweeps/domainbed --format latex --output results.tex
     fishr-collect sweeps/domainbed --plots plots/       # also PNGs, see plots.py
+    fishr-collect sweeps/comparison --hparams           # also the hyperparameters each cell selected
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fishr_lightning.app.reporting.model_selection import (
     environment_count,
     results_table,
     selected_accuracies,
+    selected_hparams,
 )
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, Sweep, SweepError, load_sweep
 
@@ -133,7 +135,34 @@ def _no_results_text(method: SelectionMethod) -> str:
     return LEAVE_ONE_OUT_HINT if method.short_name == "leave_one_domain_out" else "no results."
 
 
-def format_markdown(sweep: Sweep, tables: list[MethodTables]) -> str:
+# Registry entries every run of the app has the same value of: left out of the --hparams tables.
+CONSTANT_HPARAMS = ("data_augmentation", "resnet18", "class_balanced", "nonlinear_classifier")
+
+
+def _hparam_text(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def selected_hparams_rows(records: Sequence[Record], method: SelectionMethod) -> list[list[str]]:
+    """Rows ``[dataset, algorithm, test domain, trial, hparams_seed, "name=value, ..."]``: what each cell of
+    the method's tables selected, in the tables' order."""
+    rows = []
+    selected = selected_hparams(records, method)
+    for key in sorted(
+        selected, key=lambda k: (_dataset_order(k.dataset), _algorithm_order(k.algorithm), k.test_env, k.trial_seed)
+    ):
+        hparams_seed, hparams = selected[key]
+        text = ", ".join(
+            f"{name}={_hparam_text(value)}" for name, value in sorted(hparams.items()) if name not in CONSTANT_HPARAMS
+        )
+        rows.append([key.dataset, key.algorithm, str(key.test_env), str(key.trial_seed), str(hparams_seed), text])
+    return rows
+
+
+HPARAMS_HEADER = ["Dataset", "Algorithm", "Test domain", "Trial", "hparams_seed", "Hyperparameters"]
+
+
+def format_markdown(sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False) -> str:
     lines = [
         f"# Results: {sweep.directory}",
         "",
@@ -153,6 +182,13 @@ def format_markdown(sweep: Sweep, tables: list[MethodTables]) -> str:
             for algorithm in table.algorithms:
                 lines.append("| " + " | ".join([algorithm, *_cell_text(table, algorithm, "±")]) + " |")
             lines.append("")
+        if show_hparams:
+            lines += [f"### Selected hyperparameters, model selection method: {method_tables.method.name}", ""]
+            lines += ["| " + " | ".join(HPARAMS_HEADER) + " |", "|" + " --- |" * len(HPARAMS_HEADER)]
+            lines += [
+                "| " + " | ".join(row) + " |" for row in selected_hparams_rows(sweep.records, method_tables.method)
+            ]
+            lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -162,7 +198,7 @@ def _latex_escaped(text: str) -> str:
     return text
 
 
-def format_latex(sweep: Sweep, tables: list[MethodTables]) -> str:
+def format_latex(sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False) -> str:
     """A standalone document (booktabs, adjustbox) laid out like DomainBed's ``collect_results.py --latex``."""
     lines = [
         "\\documentclass{article}",
@@ -197,6 +233,9 @@ def format_latex(sweep: Sweep, tables: list[MethodTables]) -> str:
                 row = [_latex_escaped(algorithm), *_cell_text(table, algorithm, "$\\pm$")]
                 lines.append(" & ".join(row) + " \\\\")
             lines += ["\\bottomrule", "\\end{tabular}}", "\\end{center}"]
+        if show_hparams:  # as comments: the document's tables stay DomainBed's
+            lines.append(f"% Selected hyperparameters ({method_tables.method.name}): " + ", ".join(HPARAMS_HEADER))
+            lines += ["% " + " | ".join(row) for row in selected_hparams_rows(sweep.records, method_tables.method)]
     lines += ["", "\\end{document}"]
     return "\n".join(lines) + "\n"
 
@@ -215,6 +254,12 @@ def _argument_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write PNGs there: runs/<run>.png per run (penalty and every domain's accuracy over steps) "
         "and <dataset>_<selection method>.png per table (accuracy per test domain, error bars)",
+    )
+    parser.add_argument(
+        "--hparams",
+        action="store_true",
+        help="also list, per selection method, the hparams_seed and hyperparameters each cell selected "
+        "(per dataset, algorithm, test domain and trial)",
     )
     return parser
 
@@ -236,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     tables = build_tables(sweep.records)
-    text = format_latex(sweep, tables) if arguments.format == "latex" else format_markdown(sweep, tables)
+    formatter = format_latex if arguments.format == "latex" else format_markdown
+    text = formatter(sweep, tables, show_hparams=arguments.hparams)
     if arguments.output is not None:
         arguments.output.parent.mkdir(parents=True, exist_ok=True)
         arguments.output.write_text(text)

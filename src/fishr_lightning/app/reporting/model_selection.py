@@ -47,7 +47,9 @@ __all__ = [
     "leave_one_domain_out_accuracy",
     "mean_and_standard_error",
     "results_table",
+    "best_hparams_seed",
     "selected_accuracies",
+    "selected_hparams",
     "sweep_accuracy",
     "test_domain_validation_accuracy",
     "training_domain_validation_accuracy",
@@ -208,8 +210,8 @@ def group_records_by_test_domain(records: Iterable[Record]) -> dict[GroupKey, li
     return dict(groups)
 
 
-def sweep_accuracy(group: Sequence[Record], method: SelectionMethod) -> SelectedAccuracy | None:
-    """DomainBed's ``SelectionMethod.sweep_acc``: the best hyperparameters' accuracy within one group.
+def best_hparams_seed(group: Sequence[Record], method: SelectionMethod) -> tuple[int, SelectedAccuracy] | None:
+    """The ``hparams_seed`` a selection method picks within one group, and its accuracy.
 
     Records are pooled per ``hparams_seed``. Ties in validation accuracy go to the largest
     ``hparams_seed``, as DomainBed's stable ascending sort followed by a reversal does.
@@ -217,12 +219,18 @@ def sweep_accuracy(group: Sequence[Record], method: SelectionMethod) -> Selected
     records_by_hparams_seed: dict[int, list[Record]] = defaultdict(list)
     for record in group:
         records_by_hparams_seed[record["args"]["hparams_seed"]].append(record)
-    best: SelectedAccuracy | None = None
+    best: tuple[int, SelectedAccuracy] | None = None
     for hparams_seed in sorted(records_by_hparams_seed):
         accuracy = method.run_accuracy(records_by_hparams_seed[hparams_seed])
-        if accuracy is not None and (best is None or accuracy.val_acc >= best.val_acc):
-            best = accuracy
+        if accuracy is not None and (best is None or accuracy.val_acc >= best[1].val_acc):
+            best = (hparams_seed, accuracy)
     return best
+
+
+def sweep_accuracy(group: Sequence[Record], method: SelectionMethod) -> SelectedAccuracy | None:
+    """DomainBed's ``SelectionMethod.sweep_acc``: the best hyperparameters' accuracy within one group."""
+    best = best_hparams_seed(group, method)
+    return None if best is None else best[1]
 
 
 def selected_accuracies(records: Iterable[Record], method: SelectionMethod) -> dict[GroupKey, float]:
@@ -232,6 +240,17 @@ def selected_accuracies(records: Iterable[Record], method: SelectionMethod) -> d
         accuracy = sweep_accuracy(group, method)
         if accuracy is not None:
             selected[key] = accuracy.test_acc
+    return selected
+
+
+def selected_hparams(records: Iterable[Record], method: SelectionMethod) -> dict[GroupKey, tuple[int, dict]]:
+    """Per group, the ``hparams_seed`` the method selects and that run's hyperparameters (its records' ``hparams``)."""
+    selected = {}
+    for key, group in group_records_by_test_domain(records).items():
+        best = best_hparams_seed(group, method)
+        if best is not None:
+            hparams = next(r.get("hparams", {}) for r in group if r["args"]["hparams_seed"] == best[0])
+            selected[key] = (best[0], hparams)
     return selected
 
 

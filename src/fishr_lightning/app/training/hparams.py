@@ -1,4 +1,5 @@
-"""DomainBed's hyperparameter registry (``domainbed/hparams_registry.py``) for ERM and Fishr.
+"""DomainBed's hyperparameter registry (``domainbed/hparams_registry.py``) for ERM, Fishr and the
+paper's comparison set (IRM, VREx, CORAL, MMD, GroupDRO, Mixup, SD).
 
 ``hparams_seed == 0`` gives the defaults; any other seed a draw from the random-search
 distributions. Each hyperparameter draws from its own ``RandomState``, seeded by a hash of
@@ -22,7 +23,8 @@ SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
 
 Sampler = Callable[[np.random.RandomState], Any]
 
-ALGORITHMS = ("ERM", "Fishr")  # DomainBed's names of the algorithms with registered hyperparameters
+# DomainBed's names of the algorithms with registered hyperparameters.
+ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD")
 
 
 def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
@@ -43,6 +45,20 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         warmup = 300 if dataset == "Synthetic" else 1500
         hparams["penalty_anneal_iters"] = (warmup, lambda r: int(r.uniform(0.0, 5000.0)))
         hparams["ema"] = (0.95, lambda r: float(r.uniform(0.90, 0.99)))
+    elif algorithm == "IRM":
+        hparams["irm_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
+        hparams["irm_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm == "VREx":
+        hparams["vrex_lambda"] = (1e1, lambda r: float(10 ** r.uniform(-1, 5)))
+        hparams["vrex_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm in ("CORAL", "MMD"):
+        hparams["mmd_gamma"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
+    elif algorithm == "GroupDRO":
+        hparams["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
+    elif algorithm == "Mixup":
+        hparams["mixup_alpha"] = (0.2, lambda r: float(10 ** r.uniform(-1, 1)))
+    elif algorithm == "SD":
+        hparams["sd_reg"] = (0.1, lambda r: float(10 ** r.uniform(-5, -1)))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 

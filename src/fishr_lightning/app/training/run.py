@@ -162,7 +162,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         samples_per_domain=cfg.dataset.get("samples_per_domain"),
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
+    # The algorithm's own module options (configs/algorithm/*.yaml `module:`): Mixup, one forward per domain.
+    module_options = OmegaConf.to_container(cfg.algorithm.get("module") or {}, resolve=True)
+    module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options)
     input_config = getattr(module.featurizer, "input_config", None)
     if input_config:  # timm backbones: their own input size, mean and std in the transforms
         use_input_config(data, input_config, augment=hparams["data_augmentation"])
@@ -241,7 +243,13 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     return records[-1] if records else None
 
 
-def build_module(backbone: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, hparams: dict[str, Any]):
+def build_module(
+    backbone: dict[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hparams: dict[str, Any],
+    module_options: dict[str, Any] | None = None,
+):
     backbone = dict(backbone)
     dropout = backbone.pop("dropout", 0.0)
     featurizer = instantiate(backbone, input_shape=input_shape)
@@ -251,6 +259,7 @@ def build_module(backbone: dict[str, Any], input_shape: tuple[int, ...], num_cla
         dropout=dropout,
         lr=hparams["lr"],
         weight_decay=hparams["weight_decay"],
+        **(module_options or {}),
     )
 
 
