@@ -49,6 +49,8 @@ def test_domainbed_sweep_is_the_protocol_in_one_word():
     [
         ("domainbed_loo", 2 * 10 * 20 * 3, "[0],[1],[2],[3],[0,1],[0,2],[0,3],[1,2],[1,3],[2,3]"),
         ("tiny", 2 * 2 * 2, "[0]"),
+        ("comparison", 9 * 4 * 20 * 3, "[0],[1],[2],[3]"),
+        ("tiny_comparison", 9 * 2 * 1, "[0]"),
     ],
 )
 def test_derived_sweeps(name, runs, test_envs):
