@@ -65,9 +65,12 @@ class DomainClassifier(pl.LightningModule):
         if self.hparams.get("mixup_alpha") is not None:
             nll = self.mixup_loss(x, y_N, domain_N)
         elif self.forwards_per_domain():
-            # The batch holds one contiguous block per domain: concatenating the blocks' logits keeps
-            # the batch order, which head callbacks read the domain ids in.
-            nll = F.cross_entropy(torch.cat([self(x_n) for x_n in domain_blocks(x, domain_N)]), y_N)
+            # The featurizer once per domain (its own BatchNorm statistics), the linear head once on the
+            # features concatenated: the same logits as DomainBed's per-domain classifier calls, and the
+            # one head forward per step that head callbacks capture. The batch holds one contiguous block
+            # per domain, so the concatenation keeps the batch order the callbacks read domain ids in.
+            features = torch.cat([self.featurizer(x_n) for x_n in domain_blocks(x, domain_N)])
+            nll = F.cross_entropy(self.classifier(self.dropout(features)), y_N)
         else:
             nll = F.cross_entropy(self(x), y_N)
         self.log("train/nll", nll, prog_bar=True, batch_size=len(y_N))
