@@ -25,7 +25,8 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.results import RecordWriter
 
 # Metrics that other callbacks log and DomainBed records under another name.
-LOGGED_LOSS_TERMS = {"fishr/penalty": "penalty"}
+# DomainBed records a `penalty` for Fishr, IRM, VREx, CORAL, MMD and SD (GroupDRO's logged value is its loss).
+LOGGED_LOSS_TERMS = {f"{name}/penalty": "penalty" for name in ("fishr", "irm", "vrex", "coral", "mmd", "sd")}
 
 
 def is_record_step(step: int, steps: int, checkpoint_freq: int) -> bool:

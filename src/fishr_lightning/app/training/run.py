@@ -163,7 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     # The algorithm's own module options (configs/algorithm/*.yaml `module:`): Mixup, one forward per domain.
-    module_options = OmegaConf.to_container(cfg.algorithm.get("module") or {}, resolve=True)
+    module_node = cfg.algorithm.get("module")
+    module_options = OmegaConf.to_container(module_node, resolve=True) if module_node is not None else {}
     module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options)
     input_config = getattr(module.featurizer, "input_config", None)
     if input_config:  # timm backbones: their own input size, mean and std in the transforms
