@@ -2,7 +2,7 @@
 
 Layers, each depending only on the ones before it:
 ``functional`` (the maths, pure torch) → ``penalty.FishrPenalty`` (state), ``schedule`` (λ_t, the
-optimizer reset), ``distributed`` (cross-rank reduction), ``heads`` (finding the head, reading
+optimizer reset), ``options.FishrOptions`` (the hyperparameters, documented once), ``distributed`` (cross-rank reduction), ``heads`` (finding the head, reading
 batches), all pure torch → ``FishrCallback`` / ``FishrMixin`` (Lightning) → ``app`` (the Hydra
 training application). ``diagnostics`` holds measurements that are not part of the penalty.
 """
@@ -15,6 +15,7 @@ __all__ = [
     "FishrCallback",
     "FishrInputError",
     "FishrMixin",
+    "FishrOptions",
     "FishrPenalty",
     "FishrSchedule",
     "penalty_weight_at_step",
@@ -27,6 +28,7 @@ __all__ = [
 _HOMES = {
     "FishrCallback": "fishr_lightning.callback",
     "FishrMixin": "fishr_lightning.mixin",
+    "FishrOptions": "fishr_lightning.options",
     "FishrPenalty": "fishr_lightning.penalty",
     "FishrInputError": "fishr_lightning.functional",
     "SWADCallback": "fishr_lightning.averaging.swad",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from fishr_lightning.callback import FishrCallback
     from fishr_lightning.functional import FishrInputError
     from fishr_lightning.mixin import FishrMixin
+    from fishr_lightning.options import FishrOptions
     from fishr_lightning.penalty import FishrPenalty
     from fishr_lightning.schedule import FishrSchedule, penalty_weight_at_step, reset_optimizer_states
 

@@ -13,10 +13,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fishr_lightning import distributed, heads
-from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
+from fishr_lightning.functional import FishrInputError
 from fishr_lightning.heads import TargetsAndDomains
-from fishr_lightning.penalty import Backend, FishrPenalty
-from fishr_lightning.schedule import FishrSchedule
+from fishr_lightning.options import FishrOptions
 
 
 class FishrCallback(Callback):
@@ -33,28 +32,15 @@ class FishrCallback(Callback):
     ``domain`` holds each sample's training-domain id in ``0 .. num_domains-1``.
 
     Args:
-        penalty_weight: λ once warm-up is over (DomainBed: 1000; random search ``10^U(1,4)``).
-        warmup_steps: optimizer steps with λ = 0 (DomainBed: 1500; search ``int U(0, 5000)``). The EMA
-            is updated during warm-up too.
-        ema: decay γ of each domain's gradient-variance EMA, with DomainBed's ``1/(1-γ)`` correction
-            (default 0.95; search ``U(0.90, 0.99)``); 0 disables it.
         head: attribute path of the final ``nn.Linear`` (``"classifier"``, ``"model.fc"``). Default
             ``None``: ``classifier``, ``fc``, ``head``, ``head.fc`` (timm's ConvNeXt) or ``linear`` (at the
             top level, or under ``model``/``network``), else the module's only ``nn.Linear``; an error when ambiguous.
-        backend: ``"closed_form"`` (default: exact, two matmuls per step, no per-sample gradient is
-            materialised) or ``"backpack"`` (BackPACK ``BatchGrad``, the paper's route).
-        num_domains: number of training domains. Default ``None``: ``max id + 1`` of the first batch
-            of each fit (under DDP, the largest id over all ranks).
-        penalty_ramp_steps: when > 0, λ grows linearly from 0 to ``penalty_weight`` over this many
-            steps after warm-up instead of jumping (default 0, DomainBed's jump).
-        reset_optimizer_at_warmup: clear the optimizers' state (Adam moments) at step
-            ``warmup_steps`` as DomainBed re-creates Adam there (default ``True``).
-        centered: centred gradient variance (default) or uncentred second moment (paper, Table 6).
-        param_reduction: ``"mean"`` (default, DomainBed) or ``"sum"`` over head parameters.
-        domain_reduction: ``"mean"`` (default, DomainBed) or ``"sum"`` over domains.
-        loss: per-sample loss of the gradients: ``"cross_entropy"`` (default), ``"bce_with_logits"``
-            (one-logit heads) or a callable ``(logits, targets) -> [N]`` of per-sample losses.
         targets_and_domains: ``batch -> (targets, domain_ids)`` for other batch layouts.
+        options: Fishr's options as keyword arguments, each documented once in ``FishrOptions``:
+            ``penalty_weight`` (λ, DomainBed 1000), ``warmup_steps`` (1500), ``ema`` (γ, 0.95),
+            ``backend``, ``num_domains``, ``penalty_ramp_steps``, ``reset_optimizer_at_warmup``,
+            ``centered``, ``param_reduction``, ``domain_reduction``, ``loss``. The instance is
+            ``callback.options``.
 
     Semantics worth knowing:
         - Each ``fit`` starts afresh (EMA, inferred ``num_domains``, optimizer reset) unless it resumes
@@ -76,32 +62,17 @@ class FishrCallback(Callback):
 
     def __init__(
         self,
-        penalty_weight: float = 1000.0,
-        warmup_steps: int = 1500,
-        ema: float = 0.95,
+        *,
         head: str | None = None,
-        backend: Backend = "closed_form",
-        num_domains: int | None = None,
-        penalty_ramp_steps: int = 0,
-        reset_optimizer_at_warmup: bool = True,
-        centered: bool = True,
-        param_reduction: Reduction = "mean",
-        domain_reduction: Reduction = "mean",
-        loss: LossName | PerSampleLoss = "cross_entropy",
         targets_and_domains: TargetsAndDomains | None = None,
+        **options: Any,
     ) -> None:
+        FishrOptions.check_names("FishrCallback", options)
+        self.options = FishrOptions(**options)  # written so for jsonargparse: it follows **options here
         self.head = head
         self.requested_head = head
-        self.schedule = FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
-        self.penalty = FishrPenalty(
-            num_domains=num_domains,
-            ema=ema,
-            centered=centered,
-            param_reduction=param_reduction,
-            domain_reduction=domain_reduction,
-            loss=loss,
-            backend=backend,
-        )
+        self.schedule = self.options.make_schedule()
+        self.penalty = self.options.make_penalty()
         self.targets_and_domains = targets_and_domains or heads.default_targets_and_domains
         self._head_module: nn.Linear | None = None
         self._hook: RemovableHandle | None = None
