@@ -2,9 +2,11 @@
 
 Layers, each depending only on the ones before it:
 ``functional`` (the maths, pure torch) → ``penalty.FishrPenalty`` (state), ``schedule`` (λ_t, the
-optimizer reset), ``options.FishrOptions`` (the hyperparameters, documented once), ``distributed`` (cross-rank reduction), ``heads`` (finding the head, reading
-batches), all pure torch → ``FishrCallback`` / ``FishrMixin`` (Lightning) → ``app`` (the Hydra
-training application). ``diagnostics`` holds measurements that are not part of the penalty.
+optimizer reset), ``options.FishrOptions`` (the hyperparameters, documented once), ``distributed``
+(cross-rank reduction), ``heads`` (finding the head, reading batches), all pure torch →
+``HeadPenaltyCallback`` (what every head penalty shares), ``FishrCallback`` / ``FishrMixin``
+(Lightning) → ``app`` (the Hydra training application). ``diagnostics`` holds measurements that are
+not part of the penalty.
 """
 
 from importlib import import_module
@@ -18,6 +20,7 @@ __all__ = [
     "FishrOptions",
     "FishrPenalty",
     "FishrSchedule",
+    "HeadPenaltyCallback",
     "penalty_weight_at_step",
     "reset_optimizer_states",
     "LossValley",
@@ -34,6 +37,7 @@ _HOMES = {
     "SWADCallback": "fishr_lightning.averaging.swad",
     "LossValley": "fishr_lightning.averaging.loss_valley",
     "FishrSchedule": "fishr_lightning.schedule",
+    "HeadPenaltyCallback": "fishr_lightning.head_penalty",
     "penalty_weight_at_step": "fishr_lightning.schedule",
     "reset_optimizer_states": "fishr_lightning.schedule",
 }
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from fishr_lightning.averaging.swad import SWADCallback
     from fishr_lightning.callback import FishrCallback
     from fishr_lightning.functional import FishrInputError
+    from fishr_lightning.head_penalty import HeadPenaltyCallback
     from fishr_lightning.mixin import FishrMixin
     from fishr_lightning.options import FishrOptions
     from fishr_lightning.penalty import FishrPenalty
