@@ -7,8 +7,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from fishr_lightning import distributed
-from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
-from fishr_lightning.penalty import Backend, FishrPenalty
+from fishr_lightning.functional import FishrInputError
+from fishr_lightning.options import FishrOptions
+from fishr_lightning.penalty import FishrPenalty
 from fishr_lightning.schedule import FishrSchedule
 
 
@@ -34,8 +35,8 @@ class FishrMixin:
     Training this way equals training the same module with ``FishrCallback``. The mixin defines
     ``on_train_batch_start`` (the optimizer reset at warm-up) and ``on_save_checkpoint`` /
     ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them.
-    ``configure_fishr`` takes the arguments of ``FishrCallback`` but ``targets_and_domains``;
-    its ``head`` is the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
+    ``configure_fishr`` takes the options of ``FishrCallback`` (``FishrOptions``); its ``head`` is
+    the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
     has a bias: a bias-free head has ``C·D`` parameters, and the penalty's mean runs over those).
     The optimizer reset fires once, at the first step ``≥ warmup_steps``, also when ``global_step``
     advances by more than one per batch (several optimizers, manual optimization). Under DDP
@@ -45,22 +46,18 @@ class FishrMixin:
     fishr: FishrPenalty
     fishr_schedule: FishrSchedule
 
-    def configure_fishr(
-        self,
-        head: nn.Linear | None = None,
-        penalty_weight: float = 1000.0,
-        warmup_steps: int = 1500,
-        ema: float = 0.95,
-        backend: Backend = "closed_form",
-        num_domains: int | None = None,
-        penalty_ramp_steps: int = 0,
-        reset_optimizer_at_warmup: bool = True,
-        centered: bool = True,
-        param_reduction: Reduction = "mean",
-        domain_reduction: Reduction = "mean",
-        loss: LossName | PerSampleLoss = "cross_entropy",
-        head_bias: bool | None = None,
-    ) -> None:
+    def configure_fishr(self, head: nn.Linear | None = None, *, head_bias: bool | None = None, **options: Any) -> None:
+        """Set Fishr up for this module: call it in ``__init__``.
+
+        Args:
+            head: the final ``nn.Linear`` itself (``self.classifier``), created before this call; or
+                ``None``, with ``head_bias`` saying whether the head has a bias.
+            head_bias: whether the head has a bias, when no ``head`` is given (default ``True``).
+            options: Fishr's options as keyword arguments (``penalty_weight``, ``warmup_steps``,
+                ``ema``, ...), each documented once in ``FishrOptions``; kept as ``self.fishr_options``.
+        """
+        FishrOptions.check_names("configure_fishr", options)
+        fishr_options = FishrOptions(**options)
         if head is not None and not isinstance(head, nn.Linear):
             raise FishrInputError(
                 f"configure_fishr's head is a {type(head).__name__}; pass the final nn.Linear module itself "
@@ -73,17 +70,11 @@ class FishrMixin:
             )
         # A tuple, not an attribute holding the module: nn.Module would register it a second time.
         self._fishr_head = (head,)
-        self.fishr = FishrPenalty(
-            num_domains=num_domains,
-            ema=ema,
-            centered=centered,
-            param_reduction=param_reduction,
-            domain_reduction=domain_reduction,
-            loss=loss,
-            backend=backend,
-            head_bias=head.bias is not None if head is not None else (True if head_bias is None else head_bias),
+        self.fishr_options = fishr_options
+        self.fishr = fishr_options.make_penalty(
+            head_bias=head.bias is not None if head is not None else (True if head_bias is None else head_bias)
         )
-        self.fishr_schedule = FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
+        self.fishr_schedule = fishr_options.make_schedule()
 
     @property
     def fishr_weight(self) -> float:
