@@ -22,7 +22,8 @@ E, B, STEPS, LR = 3, 6, 4, 0.05
 
 class TinyFeaturizer(nn.Sequential):
     def __init__(self, batchnorm: bool):
-        super().__init__(nn.Linear(5, 8), *([nn.BatchNorm1d(8)] if batchnorm else []), nn.Tanh())
+        # No bias before BatchNorm: its gradient is zero up to rounding, which Adam would amplify to lr-sized steps.
+        super().__init__(nn.Linear(5, 8, bias=not batchnorm), *([nn.BatchNorm1d(8)] if batchnorm else []), nn.Tanh())
         self.n_outputs = 8
 
 
@@ -90,6 +91,25 @@ def test_mixup_equals_domainbeds_update(batchnorm):
     assert_same_weights(module, algorithm)
 
 
+@pytest.mark.parametrize("name", ["CORAL", "GroupDRO"])
+def test_per_domain_forward_with_batchnorm_equals_domainbeds_update(name):
+    """Each domain normalised by its own BatchNorm statistics, as DomainBed's per-domain forwards."""
+    from fishr_lightning.baselines import CORALCallback, GroupDROCallback
+
+    callback, hparams = {
+        "CORAL": (CORALCallback(mmd_gamma=2.0, head="classifier"), {"mmd_gamma": 2.0}),
+        "GroupDRO": (GroupDROCallback(groupdro_eta=0.5, head="classifier"), {"groupdro_eta": 0.5}),
+    }[name]
+    module = app_module(True, per_domain_forward=True)
+    algorithm = ref.DomainBedAlgorithm(
+        name, copy.deepcopy(module.featurizer), copy.deepcopy(module.classifier), hparams, LR
+    )
+    for minibatches in minibatches_of_each_step():
+        algorithm.update(minibatches)
+    fit(module, [callback])
+    assert_same_weights(module, algorithm)
+
+
 def test_one_forward_per_domain_only_with_trainable_batchnorm():
     assert app_module(True, per_domain_forward=True).forwards_per_domain()
     assert not app_module(False, per_domain_forward=True).forwards_per_domain()
@@ -97,3 +117,56 @@ def test_one_forward_per_domain_only_with_trainable_batchnorm():
     frozen = app_module(True, per_domain_forward=True)
     frozen.featurizer[1].eval()
     assert not frozen.forwards_per_domain()
+
+
+COMPARISON_SET = ("irm", "vrex", "coral", "mmd", "groupdro", "mixup", "sd")
+NAMES = dict(zip(COMPARISON_SET, ("IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD")))
+OWN_HPARAM = {"irm": "irm_lambda", "vrex": "vrex_lambda", "coral": "mmd_gamma", "mmd": "mmd_gamma"}
+OWN_HPARAM |= {"groupdro": "groupdro_eta", "mixup": "mixup_alpha", "sd": "sd_reg"}
+
+
+def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys):
+    """One Hydra multirun, one tiny run per algorithm (a random-search draw), then fishr-collect --hparams."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fishr_lightning.app.reporting import collect
+    from fishr_lightning.app.training.hparams import hparams_for
+
+    repository = Path(__file__).resolve().parents[1]
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "+sweep=tiny_comparison",
+        f"algorithm={','.join(COMPARISON_SET)}",
+        "hparams_seed=1",
+        "steps=2",
+        "checkpoint_freq=1",
+        "backbone.width=16",
+        "batch_size=16",
+        "dataset.samples_per_domain=500",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    completed = subprocess.run(command, cwd=repository, capture_output=True, text=True, timeout=400, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    runs = {path.name.split(",")[0].removeprefix("algorithm="): path for path in sweep_dir.iterdir() if path.is_dir()}
+    assert sorted(runs) == sorted(COMPARISON_SET)
+    for algorithm, run_dir in runs.items():
+        assert (run_dir / "done").exists()
+        last = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()][-1]
+        assert last["args"]["algorithm"] == NAMES[algorithm]
+        assert ("penalty" in last) is (algorithm not in ("groupdro", "mixup"))  # DomainBed's records likewise
+
+    assert collect.main([str(sweep_dir), "--hparams"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("## Model selection: training-domain validation set") :]
+    for algorithm in COMPARISON_SET:
+        name = NAMES[algorithm]
+        assert f"| {name} | " in section
+        value = hparams_for(name, "Synthetic", hparams_seed=1, trial_seed=0)[OWN_HPARAM[algorithm]]
+        assert f"| Synthetic | {name} | 0 | 0 | 1 | " in section and f"{OWN_HPARAM[algorithm]}={value:.3g}" in section

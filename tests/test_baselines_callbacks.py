@@ -1,0 +1,181 @@
+"""Each comparison-set callback trains exactly as DomainBed's update() (tests/baselines_reference.py):
+the same initial weights and batches through a real Trainer.fit, for steps that cross IRM's and
+V-REx's annealing step, give the same weights (float64) and log DomainBed's returned penalties."""
+
+from __future__ import annotations
+
+import copy
+
+import baselines_reference as ref
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fishr_lightning import FishrCallback, FishrInputError
+from fishr_lightning.baselines import (
+    CORALCallback,
+    GroupDROCallback,
+    IRMCallback,
+    MMDCallback,
+    SDCallback,
+    VRExCallback,
+)
+
+E, B, STEPS, LR, ANNEAL = 3, 8, 5, 0.02, 2
+
+# (DomainBed's name, callback, DomainBed's hyperparameters, DomainBed's returned value the callback logs)
+ALGORITHMS = {
+    "IRM": (IRMCallback, {"irm_lambda": 10.0, "irm_penalty_anneal_iters": ANNEAL}, "penalty"),
+    "VREx": (VRExCallback, {"vrex_lambda": 10.0, "vrex_penalty_anneal_iters": ANNEAL}, "penalty"),
+    "CORAL": (CORALCallback, {"mmd_gamma": 5.0}, "penalty"),
+    "MMD": (MMDCallback, {"mmd_gamma": 5.0}, "penalty"),
+    "GroupDRO": (GroupDROCallback, {"groupdro_eta": 0.5}, "loss"),
+    "SD": (SDCallback, {"sd_reg": 0.1}, "penalty"),
+}
+
+
+class DomainClassifier(pl.LightningModule):
+    """A user's plain module: featurizer, then the final nn.Linear `classifier`, one forward per step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.featurizer = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.classifier = nn.Linear(8, 3)
+        self.double()
+
+    def training_step(self, batch, batch_idx):
+        x, y, _domains = batch
+        return F.cross_entropy(self.classifier(self.featurizer(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=LR)
+
+
+def dataset(steps=STEPS, seed=1):
+    """Each step's batch: one contiguous block of B samples per domain, domains shifted apart."""
+    g = torch.Generator().manual_seed(seed)
+    domains = torch.arange(E).repeat_interleave(B).repeat(steps)
+    x = torch.randn(len(domains), 5, generator=g, dtype=torch.float64) + domains[:, None]
+    y = torch.randint(0, 3, (len(domains),), generator=g)
+    return TensorDataset(x, y, domains)
+
+
+def minibatches_of_each_step(data):
+    x, y, _ = data.tensors
+    for rows in torch.arange(len(y)).split(E * B):
+        yield [(xb, yb) for xb, yb in zip(x[rows].split(B), y[rows].split(B))]
+
+
+class RecordLogged(Callback):
+    def __init__(self, key):
+        self.key, self.values = key, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.callback_metrics[self.key]))
+
+
+def fit(module, callbacks, data, **options):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **options,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=E * B, shuffle=False))
+    return trainer
+
+
+def domainbed(name, module, data, hparams):
+    algorithm = ref.DomainBedAlgorithm(
+        name, copy.deepcopy(module.featurizer), copy.deepcopy(module.classifier), hparams, LR
+    )
+    returned = [algorithm.update(minibatches) for minibatches in minibatches_of_each_step(data)]
+    return algorithm, returned
+
+
+def assert_same_weights(module, algorithm, rtol=1e-9):
+    for ours, theirs in ((module.featurizer, algorithm.featurizer), (module.classifier, algorithm.classifier)):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_callback_trains_as_domainbeds_update(name):
+    callback_class, hparams, returned_key = ALGORITHMS[name]
+    data = dataset()
+    module = DomainClassifier()
+    algorithm, returned = domainbed(name, module, data, hparams)
+    callback = callback_class(**hparams, head="classifier")
+    logged = RecordLogged(f"{callback.name}/penalty")
+    fit(module, [callback, logged], data)
+    assert_same_weights(module, algorithm)
+    assert logged.values == pytest.approx([r[returned_key] for r in returned], rel=1e-9, abs=1e-12)
+    assert type(module).training_step is DomainClassifier.training_step and "training_step" not in vars(module)
+
+
+def test_irm_and_vrex_weigh_one_before_annealing_then_lambda():
+    data = dataset()
+    for callback in (IRMCallback(10.0, ANNEAL), VRExCallback(7.0, ANNEAL)):
+        weights = RecordLogged(f"{callback.name}/weight")
+        fit(DomainClassifier(), [callback, weights], data)
+        assert weights.values == [1.0, 1.0] + [callback.schedule.penalty_weight] * (STEPS - ANNEAL)
+        assert callback.schedule.last_reset_step == ANNEAL  # Adam re-created at the annealing step
+
+
+def test_groupdro_q_is_saved_and_restored(tmp_path):
+    data = dataset()
+    callback = GroupDROCallback(0.5)
+    trainer = fit(DomainClassifier(), [callback], data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    q = callback.q.clone()
+    assert q.sum().item() == pytest.approx(1.0) and not torch.allclose(q, torch.full_like(q, 1 / E))
+    restored = GroupDROCallback(0.5)
+    restored.load_state_dict(torch.load(tmp_path / "run.ckpt", weights_only=False)["callbacks"][restored.state_key])
+    torch.testing.assert_close(restored.q, q)
+
+
+def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
+    """Fishr + CORAL on one Trainer equal DomainBed-style Fishr with CORAL's penalty added by hand."""
+    import fishr_reference
+
+    data = dataset()
+    module = DomainClassifier()
+    expected = copy.deepcopy(module)
+    optimizer = torch.optim.Adam(expected.parameters(), lr=LR)
+    fishr = fishr_reference.ReferenceFishr(E, ema=0.9)
+    for step, minibatches in enumerate(minibatches_of_each_step(data)):
+        if step == ANNEAL:  # Fishr's warm-up ends: Adam re-created
+            optimizer = torch.optim.Adam(expected.parameters(), lr=LR)
+        x, y = torch.cat([m[0] for m in minibatches]), torch.cat([m[1] for m in minibatches])
+        domains = torch.arange(E).repeat_interleave(B)
+        features = expected.featurizer(x)
+        fishr_penalty = fishr(expected.classifier, features, y, domains)
+        coral = ref.pairwise_mmd(list(features.split(B)), gaussian=False)
+        loss = F.cross_entropy(expected.classifier(features), y) + 3.0 * coral
+        loss = loss + (50.0 * fishr_penalty if step >= ANNEAL else 0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    logs = [RecordLogged(key) for key in ("fishr/penalty", "coral/penalty", "fishr/weight", "coral/weight")]
+    fit(module, [FishrCallback(penalty_weight=50.0, warmup_steps=ANNEAL, ema=0.9), CORALCallback(3.0), *logs], data)
+    assert_same_weights(module, expected)
+    assert logs[2].values == [0.0] * ANNEAL + [50.0] * (STEPS - ANNEAL) and logs[3].values == [3.0] * STEPS
+    assert logs[0].values != logs[1].values
+
+
+def test_a_batch_without_every_domain_is_refused():
+    data = dataset()
+    data.tensors[2][:] = 0
+    with pytest.raises(FishrInputError, match="every training domain"):
+        fit(DomainClassifier(), [VRExCallback(num_domains=E)], data)
