@@ -79,11 +79,11 @@ class RecordLogged(Callback):
         self.values.append(float(trainer.callback_metrics[self.key]))
 
 
-def fit(module, callbacks, data, **options):
+def fit(module, callbacks, data, loader=None, **options):
+    options = {"max_steps": STEPS, **options}
     trainer = pl.Trainer(
         accelerator="cpu",
         precision="64-true",
-        max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -91,7 +91,7 @@ def fit(module, callbacks, data, **options):
         callbacks=callbacks,
         **options,
     )
-    trainer.fit(module, DataLoader(data, batch_size=E * B, shuffle=False))
+    trainer.fit(module, loader or DataLoader(data, batch_size=len(data) // options["max_steps"], shuffle=False))
     return trainer
 
 
