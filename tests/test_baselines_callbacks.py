@@ -81,9 +81,9 @@ class RecordLogged(Callback):
 
 def fit(module, callbacks, data, loader=None, **options):
     options = {"max_steps": STEPS, **options}
+    options = {"precision": "64-true", **options}
     trainer = pl.Trainer(
         accelerator="cpu",
-        precision="64-true",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -179,3 +179,25 @@ def test_a_batch_without_every_domain_is_refused():
     data.tensors[2][:] = 0
     with pytest.raises(FishrInputError, match="every training domain"):
         fit(DomainClassifier(), [VRExCallback(num_domains=E)], data)
+
+
+def test_under_bf16_mixed_every_penalty_is_computed_in_float32():
+    class Float32Classifier(DomainClassifier):
+        def __init__(self):
+            super().__init__()
+            self.float()
+
+    data = TensorDataset(*(t.float() if t.is_floating_point() else t for t in dataset().tensors))
+    callbacks = [cls(**hparams) for cls, hparams, _ in ALGORITHMS.values()]
+    seen = []
+    for callback in callbacks:
+        original = callback.domain_penalty
+
+        def domain_penalty(features, logits, *rest, original=original):
+            seen.append((features.dtype, logits.dtype, torch.is_autocast_enabled("cpu")))
+            return original(features, logits, *rest)
+
+        callback.domain_penalty = domain_penalty
+    fit(Float32Classifier(), callbacks, data, precision="bf16-mixed", max_steps=2)
+    assert set(seen) == {(torch.float32, torch.float32, False)} and len(seen) == 2 * len(callbacks)
+    assert all(torch.isfinite(torch.tensor(callback.last_penalty)) for callback in callbacks)

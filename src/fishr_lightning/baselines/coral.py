@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 from torch import Tensor
 
 from fishr_lightning.baselines.domain_penalty import DomainPenaltyCallback
@@ -44,13 +43,5 @@ class CORALCallback(DomainPenaltyCallback):
             schedule=schedule, head=head, num_domains=num_domains, targets_and_domains=targets_and_domains, name=name
         )
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
-        return coral_penalty(self.float32(features_ND), domains_N, self.domains_of(domains_N), self.reduce)
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
+        return coral_penalty(features_ND, domains_N, self.domains_of(domains_N), self.reduce)

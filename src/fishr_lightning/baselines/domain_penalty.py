@@ -78,7 +78,24 @@ class DomainPenaltyCallback(HeadPenaltyCallback):
                 )
         return self.num_domains
 
-    @staticmethod
-    def float32(tensor: Tensor) -> Tensor:
-        """Half-precision activations (``16-mixed``, ``bf16-mixed``) in float32 for the penalty's maths."""
-        return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    def compute_penalty(
+        self,
+        features_ND: Tensor,
+        logits_NC: Tensor,
+        targets_N: Tensor,
+        domains_N: Tensor,
+        weight: float,
+        trainer: pl.Trainer,
+    ) -> Tensor:
+        """``domain_penalty`` in float32 outside autocast (under ``16-mixed``/``bf16-mixed`` too)."""
+        with torch.autocast(features_ND.device.type, enabled=False):
+            return self.domain_penalty(float32(features_ND), float32(logits_NC), targets_N, domains_N)
+
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
+        """This step's raw penalty (a scalar); each algorithm's file implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement domain_penalty(...).")
+
+
+def float32(tensor: Tensor) -> Tensor:
+    """Half-precision activations (``16-mixed``, ``bf16-mixed``) in float32 for the penalty's maths."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,17 +73,9 @@ class GroupDROCallback(DomainPenaltyCallback):
         super().load_state_dict(state_dict)
         self.q = state_dict.get("q")
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         E = self.domains_of(domains_N)
-        loss_N = F.cross_entropy(self.float32(logits_NC), targets_N, reduction="none")
+        loss_N = F.cross_entropy(logits_NC, targets_N, reduction="none")
         losses_E = domain_mean_losses(loss_N, domains_N, E, self.reduce)
         if self.q is None:
             self.q = torch.ones(E, dtype=losses_E.dtype, device=losses_E.device)

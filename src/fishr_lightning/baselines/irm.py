@@ -3,7 +3,6 @@ DomainBed's ``IRM.update``."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -57,17 +56,9 @@ class IRMCallback(DomainPenaltyCallback):
             schedule=schedule, head=head, num_domains=num_domains, targets_and_domains=targets_and_domains, name=name
         )
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         E = self.domains_of(domains_N)
         offset_E = None
         if self.reduce is not None:  # where this rank's samples of each domain sit in the global batch
             offset_E = ranks_before(domain_counts(domains_N, E, torch.float64))
-        return irm_penalty(self.float32(logits_NC), targets_N, domains_N, E, self.reduce, offset_E)
+        return irm_penalty(logits_NC, targets_N, domains_N, E, self.reduce, offset_E)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -65,17 +64,8 @@ class MMDCallback(DomainPenaltyCallback):
             schedule=schedule, head=head, num_domains=num_domains, targets_and_domains=targets_and_domains, name=name
         )
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         E = self.domains_of(domains_N)
-        features_ND = self.float32(features_ND)
         if self.reduce is not None:
             features_ND, domains_N = gather_from_ranks(features_ND, domains_N)
         return mmd_penalty(features_ND, domains_N, E)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 from torch import Tensor
 
 from fishr_lightning.baselines.domain_penalty import DomainPenaltyCallback
@@ -36,13 +35,5 @@ class SDCallback(DomainPenaltyCallback):
         schedule = FishrSchedule(sd_reg, 0, reset_optimizer=False)
         super().__init__(schedule=schedule, head=head, targets_and_domains=targets_and_domains, name=name)
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
-        return spectral_decoupling_penalty(self.float32(logits_NC), self.reduce)
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
+        return spectral_decoupling_penalty(logits_NC, self.reduce)

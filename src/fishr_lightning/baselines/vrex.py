@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -52,15 +51,7 @@ class VRExCallback(DomainPenaltyCallback):
             schedule=schedule, head=head, num_domains=num_domains, targets_and_domains=targets_and_domains, name=name
         )
 
-    def compute_penalty(
-        self,
-        features_ND: Tensor,
-        logits_NC: Tensor,
-        targets_N: Tensor,
-        domains_N: Tensor,
-        weight: float,
-        trainer: pl.Trainer,
-    ) -> Tensor:
+    def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         E = self.domains_of(domains_N)
-        loss_N = F.cross_entropy(self.float32(logits_NC), targets_N, reduction="none")
+        loss_N = F.cross_entropy(logits_NC, targets_N, reduction="none")
         return vrex_penalty(domain_mean_losses(loss_N, domains_N, E, self.reduce))
