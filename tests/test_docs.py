@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-API_PAGES = ("core", "functional", "averaging", "hessian_alignment", "app")
+API_PAGES = ("core", "functional", "baselines", "averaging", "hessian_alignment", "app")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,9 @@ def test_api_page_shows_fishr_callback_arguments_from_its_docstring(site: Path) 
 
 def test_every_page_of_the_navigation_is_built(site: Path) -> None:
     for page in ("", "lightning", "app", "sweeps", "paper", "averaging", "backbones", "benchmarks", "changelog",
-                 "contributing", "api/core", "api/functional", "api/averaging", "api/hessian_alignment", "api/app"):  # fmt: skip
+                 "contributing", "api/core", "api/functional", "api/baselines", "api/averaging", "api/hessian_alignment", "api/app",
+                 "baselines", "baselines/gradient_statistics", "baselines/feature_alignment",
+                 "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing"):  # fmt: skip
         assert (site / page / "index.html").is_file(), f"page {page or 'index'} not built"
     assert "Keep a Changelog" in page_text(site, "changelog")
     assert "what Fishr costs over ERM" in page_text(site, "benchmarks")
@@ -85,7 +87,19 @@ def test_every_public_name_has_its_docstring_rendered(site: Path) -> None:
     for name in fishr_lightning.__all__:
         opening = rendered_opening(getattr(fishr_lightning, name).__doc__)
         assert opening in api_text, f"fishr_lightning.{name}'s docstring ({opening!r}) is not rendered"
-    for module in ("functional", "distributed", "averaging.loss_valley", "diagnostics.hessian_alignment"):
+    import fishr_lightning.baselines
+
+    for name in fishr_lightning.baselines.__all__:
+        opening = rendered_opening(getattr(fishr_lightning.baselines, name).__doc__)
+        assert opening in api_text, f"fishr_lightning.baselines.{name}'s docstring ({opening!r}) is not rendered"
+    modules = (
+        "functional",
+        "distributed",
+        "baselines.functional",
+        "averaging.loss_valley",
+        "diagnostics.hessian_alignment",
+    )
+    for module in modules:
         opening = rendered_opening(importlib.import_module(f"fishr_lightning.{module}").__doc__)
         assert opening in api_text, f"fishr_lightning.{module}'s docstring ({opening!r}) is not rendered"
 

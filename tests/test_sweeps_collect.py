@@ -173,6 +173,29 @@ def test_ties_break_as_in_domainbed():
     assert model_selection.sweep_accuracy(across_hparams, TRAINING_DOMAIN_VALIDATION).test_acc == pytest.approx(0.64)
 
 
+def test_hparams_option_lists_what_each_cell_selected(toy_sweep, capsys):
+    """`--hparams`: the hparams_seed the method picked per cell (ties as the tables: the largest seed) and its
+    hyperparameters; the same seeds sweep_accuracy selects."""
+    records = [
+        json.loads(line)
+        for path in sorted(toy_sweep.glob("*/results.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.endswith("}") and (path.parent / "done").exists()
+    ]
+    group = toy_records("fishr", 0, 0, 1) + toy_records("fishr", 0, 1, 1)
+    assert model_selection.best_hparams_seed(group, TRAINING_DOMAIN_VALIDATION)[0] == 1  # tied: the larger seed
+    exit_code, out, _ = collect_output(capsys, toy_sweep, "--hparams")
+    assert exit_code == 0
+    training = section(out, "## Model selection: training-domain validation set")
+    assert "### Selected hyperparameters, model selection method: training-domain validation set" in training
+    assert "| toy | fishr | 0 | 1 | 1 | batch_size=32, lr=5e-05 |" in training
+    rows = collect.selected_hparams_rows(records, TRAINING_DOMAIN_VALIDATION)
+    assert len(rows) == len({tuple(row[:4]) for row in rows}) == 8  # one per (dataset, algorithm, test domain, trial)
+    assert all("| " + " | ".join(row) + " |" in training for row in rows)
+    _, without, _ = collect_output(capsys, toy_sweep)
+    assert "Selected hyperparameters" not in without
+
+
 def test_mean_and_standard_error_use_the_population_deviation():
     result = model_selection.mean_and_standard_error([0.60, 0.75])
     assert result.mean == pytest.approx(0.675)
