@@ -170,3 +170,18 @@ def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys):
         assert f"| {name} | " in section
         value = hparams_for(name, "Synthetic", hparams_seed=1, trial_seed=0)[OWN_HPARAM[algorithm]]
         assert f"| Synthetic | {name} | 0 | 0 | 1 | " in section and f"{OWN_HPARAM[algorithm]}={value:.3g}" in section
+
+
+def test_per_domain_forward_keeps_the_batch_order_of_a_shuffled_batch():
+    module = app_module(True, per_domain_forward=True)
+    x, y, domains = (t[: E * B] for t in domain_batches(1))
+    order = torch.randperm(E * B, generator=torch.Generator().manual_seed(0))
+    captured = []
+    module.classifier.register_forward_hook(lambda m, args, out: captured.append(out))
+    module.log = lambda *args, **kwargs: None  # training_step called by hand, outside a Trainer
+    logits_of = {}
+    for name, perm in (("blocks", torch.arange(E * B)), ("shuffled", order)):
+        captured.clear()
+        module.training_step((x[perm], y[perm], domains[perm]), 0)
+        logits_of[name] = captured[0]
+    torch.testing.assert_close(logits_of["shuffled"], logits_of["blocks"][order])

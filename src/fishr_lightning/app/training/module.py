@@ -66,10 +66,11 @@ class DomainClassifier(pl.LightningModule):
             nll = self.mixup_loss(x, y_N, domain_N)
         elif self.forwards_per_domain():
             # The featurizer once per domain (its own BatchNorm statistics), the linear head once on the
-            # features concatenated: the same logits as DomainBed's per-domain classifier calls, and the
-            # one head forward per step that head callbacks capture. The batch holds one contiguous block
-            # per domain, so the concatenation keeps the batch order the callbacks read domain ids in.
-            features = torch.cat([self.featurizer(x_n) for x_n in domain_blocks(x, domain_N)])
+            # features put back in batch order: the same logits as DomainBed's per-domain classifier
+            # calls, and the one head forward per step that head callbacks capture.
+            rows = domain_blocks(torch.arange(len(y_N), device=y_N.device), domain_N)
+            features = torch.cat([self.featurizer(x[rows_n]) for rows_n in rows])
+            features = features[torch.argsort(torch.cat(rows))]  # identity for the app's contiguous blocks
             nll = F.cross_entropy(self.classifier(self.dropout(features)), y_N)
         else:
             nll = F.cross_entropy(self(x), y_N)
@@ -105,6 +106,6 @@ class DomainClassifier(pl.LightningModule):
 
 
 def domain_blocks(tensor: Tensor, domain_N: Tensor) -> list[Tensor]:
-    """``tensor``'s rows of each domain present, in order of domain id (the app's batches hold one
-    contiguous block per domain, so the blocks concatenated are the batch)."""
+    """``tensor``'s rows of each domain present, in order of domain id (DomainBed's minibatches; the
+    app's batches hold one contiguous block per domain, so the blocks concatenated are the batch)."""
     return [tensor[domain_N == domain] for domain in torch.unique(domain_N).tolist()]
