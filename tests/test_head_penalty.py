@@ -196,3 +196,14 @@ def test_ema_weight_averaging_with_the_callback_equals_it_with_the_mixin():
     plain = DomainClassifier("adam", 0.01)
     trainer(callbacks=[FishrCallback(**options)]).fit(plain, batches(domain_data()))
     assert not torch.equal(plain.classifier.weight, with_callback.classifier.weight)  # the average was swapped in
+
+
+def test_a_penalty_without_a_graph_while_its_weight_is_positive_is_refused():
+    class Detached(LogitSquares):
+        def compute_penalty(self, features_ND, logits_NC, targets_N, domains_N, weight, trainer):
+            return (logits_NC.detach() ** 2).mean()
+
+    model = DomainClassifier()
+    with pytest.raises(FishrInputError, match="Detached's penalty weight is 1.0 but its penalty carries no autograd"):
+        trainer(callbacks=[Detached()], max_steps=1).fit(model, batches(domain_data()))
+    assert_left_as_found(model)

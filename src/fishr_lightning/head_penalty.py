@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -146,8 +147,9 @@ class HeadPenaltyCallback(Callback):
       module is left as it was found. During the fit, ``training_step`` is an instance attribute
       that survives ``copy.deepcopy`` and ``pickle``: a copy gets the module's own ``training_step``
       and no hook (Lightning's ``WeightAveraging`` copies the module during the fit).
-    - *Checks*: manual optimization, features cut off from a trainable backbone while λ > 0, a head
-      that runs more or less than once per step, an output without a loss: each raises
+    - *Checks*: manual optimization, features cut off from a trainable backbone while λ > 0, a
+      penalty without a graph while λ > 0, a head that runs more or less than once per step, an
+      output without a loss: each raises
       ``FishrInputError`` saying what to do.
 
     Args:
@@ -348,6 +350,12 @@ class HeadPenaltyCallback(Callback):
         if weight > 0 and logits_NC.requires_grad:  # logits without a graph: the subclass says so
             self._check_features_carry_the_graph(pl_module, features_ND)
         penalty = self.compute_penalty(features_ND, logits_NC, targets_N, domains_N, weight, trainer)
+        if weight > 0 and not penalty.requires_grad and torch.is_grad_enabled():
+            raise FishrInputError(
+                f"{kind}'s penalty weight is {weight} but its penalty carries no autograd graph (the head ran under "
+                "torch.no_grad/inference_mode, or on detached tensors), so it would change nothing. Run the head's "
+                "forward with gradients enabled."
+            )
         self._last_penalty = penalty.detach()
         batch_size = features_ND.shape[0]
         pl_module.log(f"{self.name}/penalty", self._last_penalty, on_step=True, on_epoch=False, batch_size=batch_size)
