@@ -207,3 +207,9 @@ def test_a_penalty_without_a_graph_while_its_weight_is_positive_is_refused():
     with pytest.raises(FishrInputError, match="Detached's penalty weight is 1.0 but its penalty carries no autograd"):
         trainer(callbacks=[Detached()], max_steps=1).fit(model, batches(domain_data()))
     assert_left_as_found(model)
+
+
+def test_the_schedule_ramps_from_the_weight_before_annealing():
+    schedule = FishrSchedule(10.0, warmup_steps=2, ramp_steps=2, weight_before=1.0)
+    assert [schedule.weight(step) for step in range(5)] == [1.0, 1.0, 5.5, 10.0, 10.0]
+    assert [FishrSchedule(10.0, warmup_steps=1).weight(step) for step in range(3)] == [0.0, 10.0, 10.0]

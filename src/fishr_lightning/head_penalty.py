@@ -124,6 +124,11 @@ class HeadPenaltyCallback(Callback):
       for DomainBed's IRM/V-REx (which divide the sum by ``weight`` once ``weight > 1``) or
       GroupDRO (whose robust loss replaces the module's).
 
+    A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_batch_start``,
+    ``teardown``, ``on_exception``) calls ``super()``. The base does nothing across processes: under
+    DDP a subclass reduces its own statistics in ``compute_penalty`` (``FishrCallback`` all-reduces
+    its per-domain moments, set up in ``configure_penalty``) or says at fit start that it cannot.
+
     **What the base guarantees**, the same for every penalty:
 
     - *Head*: resolved at ``on_fit_start``, after ``configure_model`` (so heads created there are
@@ -140,8 +145,8 @@ class HeadPenaltyCallback(Callback):
     - *Logging*: ``<name>/penalty`` (the raw penalty) and ``<name>/weight`` (λ_t) at every step; the
       last raw penalty is also ``last_penalty``.
     - *Several penalties*: any number of these callbacks may share a Trainer (and a head), each with
-      its own schedule, logs and checkpoint state, as long as their ``name``\ s differ; their
-      penalties add up.
+      its own schedule, logs and checkpoint state, as long as their names differ; their
+      penalties fold into the loss in the order of the callbacks list (the first listed innermost).
     - *Lifecycle*: each fit starts afresh (``reset_state``, the schedule's reset) unless it resumes
       from a checkpoint; whatever ends the fit (success, an exception, ``KeyboardInterrupt``) the
       module is left as it was found. During the fit, ``training_step`` is an instance attribute
@@ -277,7 +282,7 @@ class HeadPenaltyCallback(Callback):
                 "checkpoint state would collide. Give each its own name=..."
             )
         stale = vars(pl_module).get("training_step")
-        while isinstance(stale, _PenalisedTrainingStep):  # every wrapper is installed at on_fit_start
+        if isinstance(stale, _PenalisedTrainingStep):  # this fit's wrappers are installed at on_fit_start
             owner = stale.callback
             raise FishrInputError(
                 f"{type(pl_module).__name__}.training_step is already wrapped by another {type(owner).__name__} "
