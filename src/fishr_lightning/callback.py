@@ -111,6 +111,14 @@ class FishrCallback(Callback):
         self._wrapper: Any = None
         self._had_training_step_attribute = False
         self._training_step_attribute: Any = None
+        self._last_penalty: Tensor | None = None
+
+    @property
+    def last_penalty(self) -> float | None:
+        """The raw penalty ``P`` of the last training step (before λ; the whole batch's under DDP),
+        ``None`` before the first step of a fit. Read by the app for DomainBed's ``penalty`` record
+        (issue 18: a public contract instead of Lightning's private logged-metrics store)."""
+        return None if self._last_penalty is None else float(self._last_penalty)
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -119,6 +127,7 @@ class FishrCallback(Callback):
             return
         self._check_setup(trainer, pl_module)
         self.penalty.reset()  # a new fit starts afresh; a checkpoint's state is loaded after setup
+        self._last_penalty = None
         self.schedule.reset()
         self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head)
         if self.penalty.backend == "backpack":
@@ -235,7 +244,8 @@ class FishrCallback(Callback):
             self._check_features_carry_the_graph(pl_module, features_ND)
         penalty = self.penalty.penalty_for_weight(weight, features_ND, logits_NC, targets, domains_N, self._head_module)
         batch_size = features_ND.shape[0]
-        pl_module.log("fishr/penalty", penalty.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        self._last_penalty = penalty.detach()
+        pl_module.log("fishr/penalty", self._last_penalty, on_step=True, on_epoch=False, batch_size=batch_size)
         pl_module.log("fishr/weight", weight, on_step=True, on_epoch=False, batch_size=batch_size)
         if isinstance(output, Tensor):
             return output + weight * penalty if weight > 0 else output
