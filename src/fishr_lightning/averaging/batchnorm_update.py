@@ -146,6 +146,7 @@ class BatchNormUpdate(Callback):
 
 
 def check_num_batches(value: Any) -> int:
+    """``value`` if it is a number of batches (an int, 0 or more), else a ``FishrInputError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise FishrInputError(f"bn_update_batches={value!r}: a number of training batches, 0 or more (SWAD: 500).")
     return value
