@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -123,6 +124,11 @@ class HeadPenaltyCallback(Callback):
       for DomainBed's IRM/V-REx (which divide the sum by ``weight`` once ``weight > 1``) or
       GroupDRO (whose robust loss replaces the module's).
 
+    A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_batch_start``,
+    ``teardown``, ``on_exception``) calls ``super()``. The base does nothing across processes: under
+    DDP a subclass reduces its own statistics in ``compute_penalty`` (``FishrCallback`` all-reduces
+    its per-domain moments, set up in ``configure_penalty``) or says at fit start that it cannot.
+
     **What the base guarantees**, the same for every penalty:
 
     - *Head*: resolved at ``on_fit_start``, after ``configure_model`` (so heads created there are
@@ -139,15 +145,16 @@ class HeadPenaltyCallback(Callback):
     - *Logging*: ``<name>/penalty`` (the raw penalty) and ``<name>/weight`` (λ_t) at every step; the
       last raw penalty is also ``last_penalty``.
     - *Several penalties*: any number of these callbacks may share a Trainer (and a head), each with
-      its own schedule, logs and checkpoint state, as long as their ``name``\ s differ; their
-      penalties add up.
+      its own schedule, logs and checkpoint state, as long as their names differ; their
+      penalties fold into the loss in the order of the callbacks list (the first listed innermost).
     - *Lifecycle*: each fit starts afresh (``reset_state``, the schedule's reset) unless it resumes
       from a checkpoint; whatever ends the fit (success, an exception, ``KeyboardInterrupt``) the
       module is left as it was found. During the fit, ``training_step`` is an instance attribute
       that survives ``copy.deepcopy`` and ``pickle``: a copy gets the module's own ``training_step``
       and no hook (Lightning's ``WeightAveraging`` copies the module during the fit).
-    - *Checks*: manual optimization, features cut off from a trainable backbone while λ > 0, a head
-      that runs more or less than once per step, an output without a loss: each raises
+    - *Checks*: manual optimization, features cut off from a trainable backbone while λ > 0, a
+      penalty without a graph while λ > 0, a head that runs more or less than once per step, an
+      output without a loss: each raises
       ``FishrInputError`` saying what to do.
 
     Args:
@@ -275,7 +282,7 @@ class HeadPenaltyCallback(Callback):
                 "checkpoint state would collide. Give each its own name=..."
             )
         stale = vars(pl_module).get("training_step")
-        while isinstance(stale, _PenalisedTrainingStep):  # every wrapper is installed at on_fit_start
+        if isinstance(stale, _PenalisedTrainingStep):  # this fit's wrappers are installed at on_fit_start
             owner = stale.callback
             raise FishrInputError(
                 f"{type(pl_module).__name__}.training_step is already wrapped by another {type(owner).__name__} "
@@ -348,6 +355,12 @@ class HeadPenaltyCallback(Callback):
         if weight > 0 and logits_NC.requires_grad:  # logits without a graph: the subclass says so
             self._check_features_carry_the_graph(pl_module, features_ND)
         penalty = self.compute_penalty(features_ND, logits_NC, targets_N, domains_N, weight, trainer)
+        if weight > 0 and not penalty.requires_grad and torch.is_grad_enabled():
+            raise FishrInputError(
+                f"{kind}'s penalty weight is {weight} but its penalty carries no autograd graph (the head ran under "
+                "torch.no_grad/inference_mode, or on detached tensors), so it would change nothing. Run the head's "
+                "forward with gradients enabled."
+            )
         self._last_penalty = penalty.detach()
         batch_size = features_ND.shape[0]
         pl_module.log(f"{self.name}/penalty", self._last_penalty, on_step=True, on_epoch=False, batch_size=batch_size)

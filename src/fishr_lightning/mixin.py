@@ -32,9 +32,12 @@ class FishrMixin:
                 logits = self.classifier(features)
                 return F.cross_entropy(logits, y) + self.fishr_loss(features, logits, y, domains)
 
-    Training this way equals training the same module with ``FishrCallback``. The mixin defines
+    Training this way equals training the same module with ``FishrCallback``, fit after fit: each
+    fit starts afresh (EMA, inferred ``num_domains``, optimizer reset) unless it resumes from a
+    checkpoint, whose state it restores. The mixin defines ``setup`` (the fresh start),
     ``on_train_batch_start`` (the optimizer reset at warm-up) and ``on_save_checkpoint`` /
-    ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them.
+    ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them (a ``setup``
+    that does not is refused at the first batch).
     ``configure_fishr`` takes the options of ``FishrCallback`` (``FishrOptions``); its ``head`` is
     the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
     has a bias: a bias-free head has ``C·D`` parameters, and the penalty's mean runs over those).
@@ -103,8 +106,27 @@ class FishrMixin:
         log("fishr/weight", weight, on_step=True, on_epoch=False, batch_size=features_ND.shape[0])
         return weight * penalty
 
+    def setup(self, stage: str) -> None:
+        """Each fit starts afresh, as with ``FishrCallback`` (issue 18, item 5): the EMA, an inferred
+        ``num_domains`` and the optimizer reset are forgotten here, before Lightning loads a
+        checkpoint's state (``ckpt_path``) over them."""
+        if stage == "fit" and hasattr(self, "fishr"):
+            self.fishr.reset()
+            self.fishr_schedule.reset()
+            world_size = self.trainer.world_size  # type: ignore[attr-defined]
+            self.fishr.reduce_moments = distributed.distributed_reduction(world_size)
+            self.fishr.reduce_max = distributed.distributed_max(world_size)
+            self._fishr_set_up = True
+        super().setup(stage)  # type: ignore[misc]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         if hasattr(self, "fishr_schedule"):
+            if not getattr(self, "_fishr_set_up", False):
+                raise FishrInputError(
+                    f"{type(self).__name__} overrides setup() without calling super().setup(stage): FishrMixin "
+                    "starts each fit afresh there (EMA, inferred num_domains, optimizer reset), and a second fit "
+                    "would carry the first one's state. Call super().setup(stage) in your setup."
+                )
             self.fishr_schedule.maybe_reset(self.trainer.global_step, self.trainer.optimizers)  # type: ignore[attr-defined]
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
