@@ -10,6 +10,9 @@ forward, the penalty and the backward into the features), which is what the call
     python benchmarks/baselines.py                                  # CPU: ResNet-18 at 64²
     python benchmarks/baselines.py --device cuda --image-size 224   # a GPU
     python benchmarks/baselines.py --tiny                           # seconds: checks that it runs
+
+The algorithms run in turn, ``--rounds`` times, and each figure is the median over all rounds' steps:
+on a shared machine a burst of load then spreads over every algorithm instead of landing on one.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def step_ms(algorithm: str, args: argparse.Namespace) -> float:
+def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
+    """One fit; the seconds of each step after warm-up."""
     pl.seed_everything(0, verbose=False)
     module = DomainClassifier(
         ResNetFeatures(args.features),
@@ -127,11 +131,11 @@ def step_ms(algorithm: str, args: argparse.Namespace) -> float:
     )
     data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
     trainer.fit(module, DataLoader(data, batch_size=None))
-    return 1000 * statistics.median(timer.times[args.warmup :])
+    return timer.times[args.warmup :]
 
 
-def penalty_ms(algorithm: str, args: argparse.Namespace, repeats: int = 20) -> float:
-    """The head's forward, the penalty and the backward into features and head, median ms."""
+def penalty_times(algorithm: str, args: argparse.Namespace, repeats: int = 5) -> list[float]:
+    """The head's forward, the penalty and the backward into features and head: seconds of each repeat."""
     torch.manual_seed(0)
     n = args.domains * args.per_domain
     head = nn.Linear(args.features, args.classes).to(args.device)
@@ -166,36 +170,43 @@ def penalty_ms(algorithm: str, args: argparse.Namespace, repeats: int = 20) -> f
             torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per algorithm")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per algorithm and round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the benchmark runs")
     args = parser.parse_args(argv)
     args.classes, args.features, args.domains, args.per_domain = 345, 2048, 5, 32
     if args.tiny:
-        args.image_size, args.steps, args.warmup, args.features, args.per_domain = 32, 2, 1, 64, 4
+        args.image_size, args.steps, args.warmup, args.features, args.per_domain, args.rounds = 32, 2, 1, 64, 4, 1
 
     print(
         f"Device: {args.device} ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}, "
         f"lightning {pl.__version__}; {args.classes} classes, {args.features} features, "
-        f"{args.domains}×{args.per_domain} samples; ResNet-18 at {args.image_size}²; median of {args.steps} steps "
-        f"after {args.warmup}.\n"
+        f"{args.domains}×{args.per_domain} samples; ResNet-18 at {args.image_size}²; median of {args.rounds} rounds × "
+        f"{args.steps} steps after {args.warmup} warm-up steps each.\n"
     )
+    steps = {algorithm: [] for algorithm in ALGORITHMS}
+    alone = {algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr")}
+    for _ in range(args.rounds):
+        for algorithm in ALGORITHMS:
+            steps[algorithm] += step_times(algorithm, args)
+            if algorithm in alone:
+                alone[algorithm] += penalty_times(algorithm, args)
     print("| algorithm | forwards of the featurizer | step ms | × ERM | penalty alone ms |")
     print("| --- | --- | --- | --- | --- |")
-    erm = None
+    erm = statistics.median(steps["ERM"])
     for algorithm in ALGORITHMS:
-        ms = step_ms(algorithm, args)
-        erm = erm or ms
-        alone = "-" if algorithm in ("ERM", "Mixup", "Fishr") else f"{penalty_ms(algorithm, args):.2f}"
+        ms = statistics.median(steps[algorithm])
+        penalty = f"{1000 * statistics.median(alone[algorithm]):.1f}" if algorithm in alone else "-"
         forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else "one"
-        print(f"| {algorithm} | {forwards} | {ms:.1f} | {ms / erm:.3f} | {alone} |", flush=True)
+        print(f"| {algorithm} | {forwards} | {1000 * ms:.0f} | {ms / erm:.2f} | {penalty} |", flush=True)
 
 
 if __name__ == "__main__":
