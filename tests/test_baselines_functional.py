@@ -139,4 +139,6 @@ def test_a_missing_domain_is_refused_with_what_to_do(step):
 def test_the_pairwise_identity_equals_the_pairs_written_out():
     values = torch.randn(4, 3, 5, dtype=torch.float64)
     pairs = [((values[i] - values[j]) ** 2).mean() for i in range(4) for j in range(i + 1, 4)]
-    torch.testing.assert_close(BF.mean_pairwise_squared_distance(values), torch.stack(pairs).mean(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        BF.mean_pairwise_squared_distance(list(values)), torch.stack(pairs).mean(), rtol=1e-13, atol=0
+    )
