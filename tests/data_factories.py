@@ -6,7 +6,10 @@ Import from tests as ``from data_factories import ...`` (pytest puts ``tests/`` 
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +109,37 @@ class InterruptAfter(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.updates:
             raise RuntimeError(f"killed after {self.updates} updates (a test's simulated failure)")
+
+
+class PauseAfter(Callback):
+    """Waits after ``updates`` updates (in a run that trains through that step, not one resumed past
+    it): creates ``marker``, then waits up to ``timeout`` seconds for ``release`` to exist, so that a
+    test can act on a running process (launch a second one, send it a signal)."""
+
+    def __init__(self, updates: int, marker: str, release: str, timeout: float = 120.0) -> None:
+        self.updates, self.marker, self.release, self.timeout = updates, Path(marker), Path(release), timeout
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.updates:
+            return
+        self.marker.touch()
+        deadline = time.monotonic() + self.timeout
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class SignalAfter(Callback):
+    """Sends ``signal_name`` to its own process after ``updates`` updates, in the one process (of all
+    the jobs of a sweep) that first creates ``once_file``: one job is preempted, once."""
+
+    def __init__(self, updates: int, once_file: str, signal_name: str = "SIGTERM") -> None:
+        self.updates, self.once_file, self.signal_name = updates, Path(once_file), signal_name
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.updates:
+            return
+        try:
+            self.once_file.open("x").close()
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), getattr(signal, self.signal_name))

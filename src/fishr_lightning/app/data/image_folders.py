@@ -4,19 +4,17 @@ datamodule applies them per split, so that only training domains are augmented).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import ImageFile
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from fishr_lightning.app import AppError
+from fishr_lightning.app.data.images import ImageReader, scan_images, warn_truncated
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
-
-# DomainBed does the same: a few images in TerraIncognita and DomainNet are truncated JPEGs.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +67,9 @@ def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: boo
 # -- loaders --------------------------------------------------------------------------------------
 
 
-def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool) -> MultiDomainData:
+def load_image_folder_domains(
+    spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool, skip_broken_images: bool = False
+) -> MultiDomainData:
     root = data_dir / spec.folder
     if not root.is_dir():
         raise data_error(spec, data_dir, f"There is no directory {root}.")
@@ -98,11 +98,14 @@ def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int
                 f"({sorted(set(classes) ^ set(reference_classes))}).",
             )
     domains = []
+    # Every file is opened by images.open_image: an unreadable one is an error naming it (issue 19).
+    reader = ImageReader(root, hint=f"fishr-download {spec.download_name} --data-dir {data_dir}")
     for folder in spec.domain_folders:
         try:
-            domains.append(ImageFolder(str(root / folder)))
+            domains.append(ImageFolder(str(root / folder), loader=reader))
         except (FileNotFoundError, OSError) as error:
             raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}") from None
+    skipped = skip_unreadable_images(domains) if skip_broken_images else []
     return MultiDomainData(
         spec=spec,
         domains=domains,
@@ -110,4 +113,27 @@ def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int
         train_transform=train_image_transform(image_size) if augment else eval_image_transform(image_size),
         eval_transform=eval_image_transform(image_size),
         class_names=reference_classes,
+        skipped_images=skipped,
     )
+
+
+def skip_unreadable_images(domains: list[ImageFolder]) -> list[str]:
+    """Reads every image once and drops the unreadable ones from ``domains`` (before the splits are
+    drawn); one warning lists them, one the truncated ones. Returns the paths dropped."""
+    paths = [path for domain in domains for path, _ in domain.samples]
+    unreadable, truncated = scan_images(paths)
+    if truncated:
+        warn_truncated(truncated)
+    if unreadable:
+        dropped = set(unreadable)
+        for domain in domains:
+            domain.samples = [sample for sample in domain.samples if sample[0] not in dropped]
+            domain.imgs = domain.samples
+            domain.targets = [target for _, target in domain.samples]
+        warnings.warn(
+            f"data.skip_broken_images=true: {len(unreadable)} unreadable image(s) left out of the run: "
+            f"{', '.join(unreadable)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return unreadable

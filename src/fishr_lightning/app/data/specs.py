@@ -103,6 +103,7 @@ class MultiDomainData:
     train_transform: Transform | None = None
     eval_transform: Transform | None = None
     class_names: list[str] = field(default_factory=list)
+    skipped_images: list[str] = field(default_factory=list)  # left out by data.skip_broken_images=true
 
 
 def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
