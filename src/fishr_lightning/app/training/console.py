@@ -17,6 +17,8 @@ SILENCED_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval.*",
     # On resume: the app's batch sampler starts at the restored step (batches seeded by (seed, step)).
     r"You're resuming from a checkpoint that ended before the epoch ended.*",
+    # The ResNet backbones keep BatchNorm frozen in eval mode on purpose, as DomainBed.
+    r"Found \d+ module\(s\) in eval mode at the start of training.*",
 )
 
 
