@@ -105,6 +105,26 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
         torch.testing.assert_close(tensor, expected[name], msg=name)
 
 
+def test_sigusr1_in_process_saves_the_step_and_exits_with_128_plus_its_number(monkeypatch, tmp_path, capsys):
+    """SIGUSR1 (Lightning's SLURM requeue signal; SIGUSR2 is submitit's) as SIGTERM: the step reached
+    saved, no ``done``, status 128 + 10; the handlers are Lightning's originals again afterwards."""
+    before = signal.getsignal(signal.SIGUSR1)
+    signal_once = [
+        "+callbacks.preempt._target_=data_factories.SignalAfter",
+        "+callbacks.preempt.updates=3",
+        f"+callbacks.preempt.once_file={tmp_path / 'once'}",
+        "+callbacks.preempt.signal_name=SIGUSR1",
+    ]
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=6", "checkpoint_freq=2", *signal_once) == 138
+    assert "SIGUSR1 received: the run stopped after 3 updates" in capsys.readouterr().err
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 2]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=6", "checkpoint_freq=2", *signal_once) == 0
+    assert [r["step"] for r in records(run_dir)] == [0, 2, 4, 5] and (run_dir / "done").exists()
+
+
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
     holder = (

@@ -84,13 +84,14 @@ def settings_differences(
     recorded: dict[str, Any], args: dict[str, Any], hparams: dict[str, Any]
 ) -> list[tuple[str, Any, Any]]:
     """``(name, recorded value, new value)`` for every recorded ``args``/``hparams`` entry that the new
-    command changes, the options that do not change results excepted."""
+    command changes, the options that do not change results excepted. An ``args`` entry the record
+    lacks is not compared: records of earlier versions of the app hold fewer of them."""
     differences = []
     for section, new in (("args", args), ("hparams", hparams)):
         old = recorded.get(section, {})
         new = normalised(new)
         for name in sorted(set(old) | set(new)):
-            if section == "args" and name in ARGS_THAT_DO_NOT_CHANGE_RESULTS:
+            if section == "args" and (name in ARGS_THAT_DO_NOT_CHANGE_RESULTS or name not in old):
                 continue
             if old.get(name, "<absent>") != new.get(name, "<absent>"):
                 differences.append((f"{section}.{name}", old.get(name, "<absent>"), new.get(name, "<absent>")))
