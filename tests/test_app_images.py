@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from data_factories import write_pacs
 from test_app_train import records, run_app
+from torch.utils.data import DataLoader
 
-from fishr_lightning.app.data.images import BrokenImageError, open_image
+from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV, BrokenImageError, ImageReader, open_image
 
 PACS_RUN = [
     "dataset=pacs",
@@ -33,7 +34,8 @@ def cut(path: Path, keep: float) -> Path:
     return path
 
 
-def test_open_image_names_unreadable_files_and_completes_truncated_jpegs_as_domainbed(tmp_path):
+def test_open_image_names_unreadable_files_and_completes_truncated_jpegs_as_domainbed(monkeypatch, tmp_path):
+    monkeypatch.delenv(TRUNCATED_IMAGES_ENV, raising=False)
     data_dir = write_pacs(tmp_path / "data", images_per_class=1, size=64)
     folder = data_dir / "PACS"
     garbage = folder / "photo" / "dog" / "0.jpg"
@@ -58,6 +60,23 @@ def test_open_image_names_unreadable_files_and_completes_truncated_jpegs_as_doma
         f"Truncated image file(s), loaded as DomainBed loads them (PIL's LOAD_TRUNCATED_IMAGES: the missing part "
         f"is grey): {truncated}."
     ]
+
+
+def test_a_truncated_image_read_by_several_workers_is_named_once_per_run(monkeypatch, tmp_path):
+    data_dir = write_pacs(tmp_path / "data", images_per_class=1, size=64)
+    truncated = cut(data_dir / "PACS" / "photo" / "dog" / "0.jpg", keep=0.7)
+    monkeypatch.setenv(TRUNCATED_IMAGES_ENV, str(tmp_path / "run" / ".truncated_images"))  # as the app does
+    reader = ImageReader(data_dir / "PACS")
+    loader = DataLoader([str(truncated)] * 8, batch_size=1, num_workers=2, collate_fn=lambda paths: reader(paths[0]))
+    assert [image.size for image in loader] == [(64, 64)] * 8  # both workers opened it, four times each
+    # The worker that met it first marked it (and warned, in its own process); the other did not, nor
+    # does the main process now.
+    markers = list((tmp_path / "run" / ".truncated_images").iterdir())
+    assert [marker.read_text() for marker in markers] == [str(truncated)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader(str(truncated))
+    assert caught == []
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -8,12 +8,15 @@ pipeline of the app (``ImageFolder``'s loader here, a faster decoder elsewhere) 
   message out of the worker's traceback).
 - A truncated JPEG that PIL can complete loads as DomainBed loads it (DomainBed sets
   ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: a few TerraIncognita and DomainNet files are truncated;
-  the missing rows are grey), with one warning naming it (once per file and process).
+  the missing rows are grey), with one warning naming it: once per run when the app sets
+  ``TRUNCATED_IMAGES_ENV`` to a directory (the run's), where every process (main, DataLoader workers,
+  a resumed run) marks the files it warned about; once per process otherwise.
 - ``scan_images`` reads every file once, for ``data.skip_broken_images=true``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,6 +30,8 @@ from fishr_lightning.app import AppError
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 _WARNED_TRUNCATED: set[str] = set()
+# A directory shared by the processes of one run (inherited by DataLoader workers however they start).
+TRUNCATED_IMAGES_ENV = "FISHR_TRUNCATED_IMAGES_DIR"
 
 
 class BrokenImageError(AppError):
@@ -60,11 +65,30 @@ def decode_image(path: str | os.PathLike) -> tuple[Image.Image, bool]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def first_to_warn(path: str) -> bool:
+    """Whether this process is the first of the run to meet the truncated file ``path``."""
+    if path in _WARNED_TRUNCATED:
+        return False
+    _WARNED_TRUNCATED.add(path)
+    shared = os.environ.get(TRUNCATED_IMAGES_ENV)
+    if not shared:
+        return True
+    try:
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        marker = Path(shared) / hashlib.md5(path.encode("utf-8")).hexdigest()
+        with marker.open("x") as marker_file:  # exclusive creation: one process of the run wins
+            marker_file.write(path)
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no shared directory: warn in this process
+    return True
+
+
 def warn_truncated(paths: Sequence[str]) -> None:
-    paths = [path for path in paths if path not in _WARNED_TRUNCATED]
+    paths = [path for path in paths if first_to_warn(path)]
     if not paths:
         return
-    _WARNED_TRUNCATED.update(paths)
     warnings.warn(
         f"Truncated image file(s), loaded as DomainBed loads them (PIL's LOAD_TRUNCATED_IMAGES: the missing "
         f"part is grey): {', '.join(paths)}.",

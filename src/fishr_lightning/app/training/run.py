@@ -13,6 +13,7 @@ preemption signal saves the step reached and exits non-zero (``preemption.py``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import use_input_config
+from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
@@ -163,6 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         )
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[TRUNCATED_IMAGES_ENV] = str(run_dir / ".truncated_images")  # one warning per file and run
 
     with open_dict(cfg):
         cfg.hparams = hparams
