@@ -125,6 +125,24 @@ def test_sigusr1_in_process_saves_the_step_and_exits_with_128_plus_its_number(mo
     assert [r["step"] for r in records(run_dir)] == [0, 2, 4, 5] and (run_dir / "done").exists()
 
 
+def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
+    """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
+    yet): Lightning would end the fit with status 0; the run saves its first step and exits 143."""
+    from fishr_lightning.app.data.datamodule import DomainBedDataModule
+
+    original = DomainBedDataModule.train_dataloader
+
+    def terminated_while_building(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(DomainBedDataModule, "train_dataloader", terminated_while_building)
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=4", "checkpoint_freq=2") == 128 + signal.SIGTERM
+    assert "SIGTERM received: the run stopped after 1 update (" in capsys.readouterr().err
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0]
+
+
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
     holder = (

@@ -38,7 +38,7 @@ class Preempted(Exception):
         name = signal.Signals(signum).name
         saved = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint saved"
         super().__init__(
-            f"{name} received: the run stopped after {step} updates ({saved}); it is not finished (no 'done'). "
+            f"{name} received: the run stopped after {step} update{'' if step == 1 else 's'} ({saved}); it is not finished (no 'done'). "
             "The same command resumes it from there (ckpt_path: auto)."
         )
 
@@ -90,6 +90,8 @@ class Preemption(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning's _SignalConnector registered its handlers (it restores what it found at the end).
         self._trainer = trainer
+        if trainer.received_sigterm:  # between Lightning's registration and now: Lightning's handler noted it
+            self.received = signal.SIGTERM
         for signum in PREEMPTION_SIGNALS:
             self._replaced[signum] = signal.getsignal(signum)
             signal.signal(signum, self._note)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fishr_lightning import FishrInputError
@@ -420,6 +422,9 @@ def hydra_main(cfg: DictConfig) -> None:
         outcome = "preempted, not finished"
         print(f"fishr-train: {preempted}", file=sys.stderr, flush=True)
         preempted.hand_over()
+    except SIGTERMException:  # Lightning's (a SystemExit with status 0): a SIGTERM that Preemption did not see
+        outcome = "preempted, not finished"
+        sys.exit(128 + signal.SIGTERM)
     finally:
         print(f"fishr-train: run directory {run_dir} ({outcome})", flush=True)  # and its last line
 
