@@ -163,7 +163,7 @@ def test_one_evaluation_loader_with_persistent_workers_serves_every_evaluation_w
         pools.append(workers.eval_loader(step)._iterator)
     assert pools[0] is not None and pools[0] is pools[1] is pools[2]  # one worker pool for the run
     workers.teardown("fit")
-    assert workers._eval_loader is None
+    assert not workers._eval_loaders
 
 
 def test_synthetic_spurious_feature_agrees_with_the_label_as_designed_and_reverses_in_domain_0():

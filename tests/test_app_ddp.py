@@ -23,6 +23,8 @@ OPTIONS = [
     "+hparams.penalty_anneal_iters=2",
     "+hparams.lambda=10",
     "+trainer.enable_model_summary=false",
+    "averaging=swad",  # the averaged model too is evaluated on every process, each sample once (issue 18)
+    "averaging.eval_every=2",
 ]
 
 
@@ -44,6 +46,9 @@ def test_two_ddp_processes_record_what_one_process_records(tmp_path):
         assert {name: double[name] for name in accuracies} == {name: single[name] for name in accuracies}
         for name in ("loss", "nll", "penalty"):
             assert double[name] == pytest.approx(single[name], rel=1e-4, abs=1e-6), name
+    averaged = [json.loads((tmp_path / run / "averaged.jsonl").read_text()) for run in ("one", "two")]
+    assert averaged[0]["swad"] == averaged[1]["swad"]
+    assert {name: averaged[1][name] for name in accuracies} == {name: averaged[0][name] for name in accuracies}
     weights = [torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("one", "two")]
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)

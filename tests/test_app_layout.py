@@ -97,3 +97,22 @@ def test_fishr_collect_imports_no_torch():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+
+
+def test_no_private_lightning_attribute_is_read_in_the_package():
+    """Issue 18: ``trainer._results``, ``WeightAveraging._average_model`` and the like break on the next
+    Lightning minor release. Attributes starting with ``_`` are read only from the package's own objects."""
+    lightning_objects = ("trainer", "strategy", "pl_module", "lightning_module", "loop", "precision_plugin")
+    found = []
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if any(name in ast.unparse(node.value) for name in lightning_objects):
+                    found.append(f"{path.relative_to(PACKAGE_ROOT)}:{node.lineno} {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning"):
+                found += [
+                    f"{path.relative_to(PACKAGE_ROOT)}: WeightAveraging"
+                    for a in node.names
+                    if a.name == "WeightAveraging"
+                ]
+    assert not found, found

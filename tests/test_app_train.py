@@ -345,3 +345,13 @@ def test_local_weights_are_loaded_and_batchnorm_stays_frozen(tmp_path):
     loaded.train()
     assert loaded.training and not loaded.network.bn1.training
     assert loaded(torch.randn(2, 2, 32, 32)).shape == (2, 512)
+
+
+def test_gradient_accumulation_is_refused_with_what_to_do_instead(monkeypatch, tmp_path, capsys):
+    """Issue 18: Lightning's micro-batches would split DomainBed's step (records at [0, 0, 2, 2, 4, 5],
+    one Fishr penalty per micro-batch); the app says what gives a larger step instead."""
+    status = run_app(monkeypatch, tmp_path / "run", *SMALL_SYNTHETIC, "steps=6", "+trainer.accumulate_grad_batches=2")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "accumulate_grad_batches=2 is not supported" in err and "Raise batch_size" in err and "more devices" in err
+    assert not (tmp_path / "run" / "results.jsonl").exists()

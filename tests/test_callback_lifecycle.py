@@ -93,7 +93,9 @@ def test_one_callback_reused_for_several_fits_starts_each_afresh():
 def test_setup_refuses_a_training_step_wrapped_by_another_fishr_callback():
     model = DomainClassifier("adam", 0.01)
     stale = FishrCallback(**OPTIONS)
-    stale.setup(trainer(callbacks=[stale]), model, "fit")  # e.g. a fit killed before Lightning's handlers ran
+    stale_trainer = trainer(callbacks=[stale])
+    stale.setup(stale_trainer, model, "fit")  # e.g. a fit killed before Lightning's handlers ran
+    stale.on_fit_start(stale_trainer, model)
     with pytest.raises(FishrInputError, match="already wrapped by another FishrCallback"):
         trainer(callbacks=[FishrCallback(**OPTIONS)]).fit(model, batches(domain_data()))
     stale.teardown(None, model, "fit")

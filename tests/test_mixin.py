@@ -97,3 +97,57 @@ def test_the_optimizer_reset_fires_once_at_the_first_step_past_warmup():
     trainer(max_steps=12).fit(model, batches(domain_data()))
     assert model.fishr_schedule.last_reset_step == 4
     assert_same_weights(model, expected)
+
+
+MIXIN_OPTIONS = dict(penalty_weight=50.0, warmup_steps=2, ema=0.9)
+
+
+def test_a_second_fit_of_the_mixin_equals_a_fresh_fit():
+    """Issue 18, item 5: the EMA, the inferred num_domains and the optimizer reset do not carry over."""
+    from test_callback import MixinClassifier
+
+    model = MixinClassifier("adam", 0.01, **MIXIN_OPTIONS)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer().fit(model, batches(domain_data(seed=1)))
+    assert model.fishr.num_domains == 3 and model.fishr_schedule.last_reset_step == 2
+
+    two_domains = domain_data()
+    two_domains.tensors[2][:] = torch.arange(len(two_domains)) % 2  # the next trial has 2 domains
+    model.load_state_dict(initial)
+    trainer().fit(model, batches(two_domains))
+    fresh = MixinClassifier("adam", 0.01, **MIXIN_OPTIONS)
+    trainer().fit(fresh, batches(two_domains))
+    assert model.fishr.num_domains == 2 and model.fishr.num_updates == fresh.fishr.num_updates
+    assert_same_weights(model, fresh)
+
+
+def test_the_mixin_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tmp_path):
+    """Warm-up 3 with epochs of three steps: the checkpoint sits where the optimizer reset is due."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_callback import MixinClassifier
+
+    options, three_steps = dict(MIXIN_OPTIONS, warmup_steps=3), domain_data(n_batches=3)
+    uninterrupted = MixinClassifier("adam", 0.01, **options)
+    trainer(max_steps=-1, max_epochs=2).fit(uninterrupted, batches(three_steps))
+
+    first_epoch = MixinClassifier("adam", 0.01, **options)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer(callbacks=[checkpoints], max_steps=-1, max_epochs=1, enable_checkpointing=True).fit(
+        first_epoch, batches(three_steps)
+    )
+    (checkpoint,) = tmp_path.glob("*.ckpt")
+    resumed = MixinClassifier("adam", 0.01, **options)
+    trainer(max_steps=-1, max_epochs=2).fit(resumed, batches(three_steps), ckpt_path=checkpoint)
+    assert resumed.fishr.num_updates == 6 and resumed.fishr_schedule.last_reset_step == 3
+    assert_same_weights(resumed, uninterrupted)
+
+
+def test_a_setup_that_does_not_call_super_is_refused():
+    from test_callback import MixinClassifier
+
+    class OwnSetup(MixinClassifier):
+        def setup(self, stage):
+            self.prepared = True
+
+    with pytest.raises(FishrInputError, match=r"overrides setup\(\) without calling super\(\).setup\(stage\)"):
+        trainer(max_steps=1).fit(OwnSetup(**MIXIN_OPTIONS), batches(domain_data()))

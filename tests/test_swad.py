@@ -8,12 +8,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fishr_lightning import FishrInputError, LossValley, SWADCallback
 from fishr_lightning.averaging import LossValleyError, swad_window
+from fishr_lightning.averaging.batchnorm_update import BatchNormUpdate
 
 # -- the loss valley: (losses, n_converge, n_tolerance) -> (segments averaged, opened at, stopped at),
 # each traced by hand from khanrc/swad's domainbed/swad.py (tolerance_ratio 0.3).
@@ -282,3 +283,47 @@ def test_manual_optimization_is_refused():
 
     with pytest.raises(FishrInputError, match="manual optimization"):
         fit(Manual(), 2, [SWADCallback(monitor="val_loss")])
+
+
+def first_batches(n):
+    return lambda trainer: itertools.islice(DataLoader(training_data(), batch_size=BATCH), n)
+
+
+def test_fewer_batchnorm_batches_than_asked_is_a_warning_naming_the_number():
+    losses = TRACES["the run ends in the valley"][0]
+    callback = SWADCallback(monitor="val_loss", bn_update_batches=3, bn_batches=first_batches(2))
+    with pytest.warns(UserWarning, match=r"on 2 training batch\(es\), fewer than the 3 asked for"):
+        fit(ScriptedValley(losses, batchnorm=True), EVERY * len(losses), [callback])
+    assert callback.summary.batchnorm_batches == 2
+
+
+def test_no_batchnorm_batch_at_all_is_an_error_not_reset_statistics():
+    losses = TRACES["the run ends in the valley"][0]
+    callback = SWADCallback(monitor="val_loss", bn_batches=first_batches(0))
+    with pytest.raises(FishrInputError, match="got no training batch to recompute the BatchNorm statistics"):
+        fit(ScriptedValley(losses, batchnorm=True), EVERY * len(losses), [callback])
+
+
+def test_batchnorm_update_after_lightnings_ema_recomputes_the_statistics_of_the_ema_weights():
+    losses = TRACES["the run ends in the valley"][0]
+    update = BatchNormUpdate(num_batches=3)
+    fit(module := ScriptedValley(losses, batchnorm=True), EVERY * len(losses), [EMAWeightAveraging(decay=0.9), update])
+    reference = copy.deepcopy(module)
+    reference.net[1].reset_running_stats()
+    torch.optim.swa_utils.update_bn(
+        [x for x, _y in itertools.islice(DataLoader(training_data(), batch_size=BATCH), 3)], reference
+    )
+    torch.testing.assert_close(module.net[1].running_mean, reference.net[1].running_mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(module.net[1].running_var, reference.net[1].running_var, rtol=1e-9, atol=1e-12)
+    assert update.batches_used == 3
+
+
+def test_swad_is_a_plain_callback_whose_averaged_copy_holds_parameters_only():
+    """Composition over AveragedModel (issue 18): no WeightAveraging state, and the copy is the
+    parameters', not a deep copy of the LightningModule (its trainer, its wrapped training_step)."""
+    callback = SWADCallback(monitor="val_loss")
+    losses = TRACES["the run ends in the valley"][0]
+    fit(module := ScriptedValley(losses), EVERY * len(losses), [callback])
+    assert not isinstance(callback, WeightAveraging)
+    assert [p.shape for p in callback._segment.module.parameters()] == [p.shape for p in module.parameters()]
+    assert not any(isinstance(m, pl.LightningModule) for m in callback._segment.modules())

@@ -2,9 +2,11 @@
 
 Layers, each depending only on the ones before it:
 ``functional`` (the maths, pure torch) → ``penalty.FishrPenalty`` (state), ``schedule`` (λ_t, the
-optimizer reset), ``distributed`` (cross-rank reduction), ``heads`` (finding the head, reading
-batches), all pure torch → ``FishrCallback`` / ``FishrMixin`` (Lightning) → ``app`` (the Hydra
-training application). ``diagnostics`` holds measurements that are not part of the penalty.
+optimizer reset), ``options.FishrOptions`` (the hyperparameters, documented once), ``distributed``
+(cross-rank reduction), ``heads`` (finding the head, reading batches), all pure torch →
+``HeadPenaltyCallback`` (what every head penalty shares), ``FishrCallback`` / ``FishrMixin``
+(Lightning) → ``app`` (the Hydra training application). ``diagnostics`` holds measurements that are
+not part of the penalty.
 """
 
 from importlib import import_module
@@ -15,8 +17,10 @@ __all__ = [
     "FishrCallback",
     "FishrInputError",
     "FishrMixin",
+    "FishrOptions",
     "FishrPenalty",
     "FishrSchedule",
+    "HeadPenaltyCallback",
     "penalty_weight_at_step",
     "reset_optimizer_states",
     "LossValley",
@@ -27,11 +31,13 @@ __all__ = [
 _HOMES = {
     "FishrCallback": "fishr_lightning.callback",
     "FishrMixin": "fishr_lightning.mixin",
+    "FishrOptions": "fishr_lightning.options",
     "FishrPenalty": "fishr_lightning.penalty",
     "FishrInputError": "fishr_lightning.functional",
     "SWADCallback": "fishr_lightning.averaging.swad",
     "LossValley": "fishr_lightning.averaging.loss_valley",
     "FishrSchedule": "fishr_lightning.schedule",
+    "HeadPenaltyCallback": "fishr_lightning.head_penalty",
     "penalty_weight_at_step": "fishr_lightning.schedule",
     "reset_optimizer_states": "fishr_lightning.schedule",
 }
@@ -41,7 +47,9 @@ if TYPE_CHECKING:
     from fishr_lightning.averaging.swad import SWADCallback
     from fishr_lightning.callback import FishrCallback
     from fishr_lightning.functional import FishrInputError
+    from fishr_lightning.head_penalty import HeadPenaltyCallback
     from fishr_lightning.mixin import FishrMixin
+    from fishr_lightning.options import FishrOptions
     from fishr_lightning.penalty import FishrPenalty
     from fishr_lightning.schedule import FishrSchedule, penalty_weight_at_step, reset_optimizer_states
 

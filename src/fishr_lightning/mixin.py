@@ -7,8 +7,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from fishr_lightning import distributed
-from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
-from fishr_lightning.penalty import Backend, FishrPenalty
+from fishr_lightning.functional import FishrInputError
+from fishr_lightning.options import FishrOptions
+from fishr_lightning.penalty import FishrPenalty
 from fishr_lightning.schedule import FishrSchedule
 
 
@@ -31,11 +32,14 @@ class FishrMixin:
                 logits = self.classifier(features)
                 return F.cross_entropy(logits, y) + self.fishr_loss(features, logits, y, domains)
 
-    Training this way equals training the same module with ``FishrCallback``. The mixin defines
+    Training this way equals training the same module with ``FishrCallback``, fit after fit: each
+    fit starts afresh (EMA, inferred ``num_domains``, optimizer reset) unless it resumes from a
+    checkpoint, whose state it restores. The mixin defines ``setup`` (the fresh start),
     ``on_train_batch_start`` (the optimizer reset at warm-up) and ``on_save_checkpoint`` /
-    ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them.
-    ``configure_fishr`` takes the arguments of ``FishrCallback`` but ``targets_and_domains``;
-    its ``head`` is the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
+    ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them (a ``setup``
+    that does not is refused at the first batch).
+    ``configure_fishr`` takes the options of ``FishrCallback`` (``FishrOptions``); its ``head`` is
+    the ``nn.Linear`` itself (or ``None`` with ``head_bias`` saying whether the head
     has a bias: a bias-free head has ``C·D`` parameters, and the penalty's mean runs over those).
     The optimizer reset fires once, at the first step ``≥ warmup_steps``, also when ``global_step``
     advances by more than one per batch (several optimizers, manual optimization). Under DDP
@@ -45,22 +49,18 @@ class FishrMixin:
     fishr: FishrPenalty
     fishr_schedule: FishrSchedule
 
-    def configure_fishr(
-        self,
-        head: nn.Linear | None = None,
-        penalty_weight: float = 1000.0,
-        warmup_steps: int = 1500,
-        ema: float = 0.95,
-        backend: Backend = "closed_form",
-        num_domains: int | None = None,
-        penalty_ramp_steps: int = 0,
-        reset_optimizer_at_warmup: bool = True,
-        centered: bool = True,
-        param_reduction: Reduction = "mean",
-        domain_reduction: Reduction = "mean",
-        loss: LossName | PerSampleLoss = "cross_entropy",
-        head_bias: bool | None = None,
-    ) -> None:
+    def configure_fishr(self, head: nn.Linear | None = None, *, head_bias: bool | None = None, **options: Any) -> None:
+        """Set Fishr up for this module: call it in ``__init__``.
+
+        Args:
+            head: the final ``nn.Linear`` itself (``self.classifier``), created before this call; or
+                ``None``, with ``head_bias`` saying whether the head has a bias.
+            head_bias: whether the head has a bias, when no ``head`` is given (default ``True``).
+            options: Fishr's options as keyword arguments (``penalty_weight``, ``warmup_steps``,
+                ``ema``, ...), each documented once in ``FishrOptions``; kept as ``self.fishr_options``.
+        """
+        FishrOptions.check_names("configure_fishr", options)
+        fishr_options = FishrOptions(**options)
         if head is not None and not isinstance(head, nn.Linear):
             raise FishrInputError(
                 f"configure_fishr's head is a {type(head).__name__}; pass the final nn.Linear module itself "
@@ -73,17 +73,11 @@ class FishrMixin:
             )
         # A tuple, not an attribute holding the module: nn.Module would register it a second time.
         self._fishr_head = (head,)
-        self.fishr = FishrPenalty(
-            num_domains=num_domains,
-            ema=ema,
-            centered=centered,
-            param_reduction=param_reduction,
-            domain_reduction=domain_reduction,
-            loss=loss,
-            backend=backend,
-            head_bias=head.bias is not None if head is not None else (True if head_bias is None else head_bias),
+        self.fishr_options = fishr_options
+        self.fishr = fishr_options.make_penalty(
+            head_bias=head.bias is not None if head is not None else (True if head_bias is None else head_bias)
         )
-        self.fishr_schedule = FishrSchedule(penalty_weight, warmup_steps, penalty_ramp_steps, reset_optimizer_at_warmup)
+        self.fishr_schedule = fishr_options.make_schedule()
 
     @property
     def fishr_weight(self) -> float:
@@ -112,8 +106,27 @@ class FishrMixin:
         log("fishr/weight", weight, on_step=True, on_epoch=False, batch_size=features_ND.shape[0])
         return weight * penalty
 
+    def setup(self, stage: str) -> None:
+        """Each fit starts afresh, as with ``FishrCallback`` (issue 18, item 5): the EMA, an inferred
+        ``num_domains`` and the optimizer reset are forgotten here, before Lightning loads a
+        checkpoint's state (``ckpt_path``) over them."""
+        if stage == "fit" and hasattr(self, "fishr"):
+            self.fishr.reset()
+            self.fishr_schedule.reset()
+            world_size = self.trainer.world_size  # type: ignore[attr-defined]
+            self.fishr.reduce_moments = distributed.distributed_reduction(world_size)
+            self.fishr.reduce_max = distributed.distributed_max(world_size)
+            self._fishr_set_up = True
+        super().setup(stage)  # type: ignore[misc]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         if hasattr(self, "fishr_schedule"):
+            if not getattr(self, "_fishr_set_up", False):
+                raise FishrInputError(
+                    f"{type(self).__name__} overrides setup() without calling super().setup(stage): FishrMixin "
+                    "starts each fit afresh there (EMA, inferred num_domains, optimizer reset), and a second fit "
+                    "would carry the first one's state. Call super().setup(stage) in your setup."
+                )
             self.fishr_schedule.maybe_reset(self.trainer.global_step, self.trainer.optimizers)  # type: ignore[attr-defined]
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 

@@ -10,13 +10,18 @@ import torch
 from fishr_lightning.functional import FishrInputError
 
 
-def penalty_weight_at_step(step: int, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0) -> float:
-    """``λ_t``: 0 for ``t < warmup_steps``, then ``penalty_weight`` (reached linearly over
-    ``ramp_steps`` optimizer steps when ``ramp_steps > 0``)."""
+def penalty_weight_at_step(
+    step: int, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0, weight_before: float = 0.0
+) -> float:
+    """``λ_t``: ``weight_before`` (Fishr: 0) for ``t < warmup_steps``, then ``penalty_weight``, reached
+    linearly from ``weight_before`` over ``ramp_steps`` optimizer steps when ``ramp_steps > 0``.
+
+    DomainBed's IRM and V-REx weigh their penalty 1.0, not 0, before annealing: ``weight_before=1.0``.
+    """
     if step < warmup_steps:
-        return 0.0
+        return weight_before
     if ramp_steps > 0:
-        return penalty_weight * min(1.0, (step - warmup_steps + 1) / ramp_steps)
+        return weight_before + (penalty_weight - weight_before) * min(1.0, (step - warmup_steps + 1) / ramp_steps)
     return penalty_weight
 
 
@@ -30,11 +35,14 @@ def reset_optimizer_states(optimizers: Sequence[torch.optim.Optimizer]) -> None:
 class FishrSchedule:
     """λ_t from the optimizer step, and the optimizer reset once, at the first step ``≥ warmup_steps``.
 
+    Every head penalty's schedule (``HeadPenaltyCallback``), not only Fishr's.
+
     Args:
         penalty_weight: λ once warm-up is over.
-        warmup_steps: optimizer steps with λ = 0.
+        warmup_steps: optimizer steps with λ = ``weight_before``.
         ramp_steps: when > 0, λ grows linearly to ``penalty_weight`` over this many steps after warm-up.
         reset_optimizer: clear the optimizers' state when the penalty switches on.
+        weight_before: λ during warm-up (default 0, Fishr's; DomainBed's IRM and V-REx use 1.0).
 
     In a plain loop, call ``maybe_reset(step, optimizers)`` before each step's forward and multiply
     the penalty by ``weight(step)``. ``step`` counts optimizer steps; it may advance by more than one
@@ -42,21 +50,28 @@ class FishrSchedule:
     """
 
     def __init__(
-        self, penalty_weight: float, warmup_steps: int, ramp_steps: int = 0, reset_optimizer: bool = True
+        self,
+        penalty_weight: float,
+        warmup_steps: int,
+        ramp_steps: int = 0,
+        reset_optimizer: bool = True,
+        weight_before: float = 0.0,
     ) -> None:
-        if penalty_weight < 0 or warmup_steps < 0 or ramp_steps < 0:
+        if penalty_weight < 0 or warmup_steps < 0 or ramp_steps < 0 or weight_before < 0:
             raise FishrInputError(
-                f"penalty_weight, warmup_steps and penalty_ramp_steps must be >= 0, got "
-                f"{penalty_weight}, {warmup_steps}, {ramp_steps}."
+                f"penalty_weight, warmup_steps, penalty_ramp_steps and the weight before warm-up must be >= 0, got "
+                f"{penalty_weight}, {warmup_steps}, {ramp_steps}, {weight_before}."
             )
         self.penalty_weight = penalty_weight
         self.warmup_steps = warmup_steps
         self.ramp_steps = ramp_steps
         self.reset_optimizer = reset_optimizer
+        self.weight_before = weight_before
         self.last_reset_step: int | None = None
 
     def weight(self, step: int) -> float:
-        return penalty_weight_at_step(step, self.penalty_weight, self.warmup_steps, self.ramp_steps)
+        """λ at optimizer step ``step``."""
+        return penalty_weight_at_step(step, self.penalty_weight, self.warmup_steps, self.ramp_steps, self.weight_before)
 
     def maybe_reset(self, step: int, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
         """Reset at the first call with ``step ≥ warmup_steps`` (> 0), once per run: later

@@ -2,37 +2,41 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
-from fishr_lightning.averaging.batchnorm import recompute_batchnorm_statistics, trainable_batchnorms
+from fishr_lightning.averaging.batchnorm import trainable_batchnorms
+from fishr_lightning.averaging.batchnorm_update import (
+    InputsFromBatch,
+    TrainingBatches,
+    check_num_batches,
+    default_inputs_from_batch,
+    default_training_batches,
+    update_batchnorm_from_training,
+)
 from fishr_lightning.averaging.loss_valley import LossValley
 from fishr_lightning.functional import FishrInputError
 
-InputsFromBatch = Callable[[Any], Any]
+__all__ = ["SWADCallback", "SWADSummary", "default_inputs_from_batch"]
 
 
-def default_inputs_from_batch(batch: Any) -> Any:
-    """``x`` of ``(x, y, ...)`` tuples or of mappings with a key ``x``."""
-    if isinstance(batch, Mapping) and "x" in batch:
-        return batch["x"]
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
-        return batch[0]
-    raise FishrInputError(
-        f"SWADCallback recomputes BatchNorm statistics by running the model on training inputs, but a "
-        f"training batch is a {type(batch).__name__} it cannot read the inputs from. Pass "
-        "inputs_from_batch=lambda batch: inputs, or bn_update_batches=0 to keep the statistics as they are."
-    )
+class _Parameters(nn.Module):
+    """A module's parameters, in ``parameters()`` order, as a module of their own: what SWAD averages
+    (parameters only). ``AveragedModel`` deep-copies the module it is given: given this, it copies the
+    parameters, not the LightningModule with its trainer, hooks and wrapped ``training_step``."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter]) -> None:
+        super().__init__()
+        self.values = nn.ParameterList(parameters)
 
 
 @dataclass(frozen=True)
@@ -54,18 +58,19 @@ class SWADSummary:
         return asdict(self)
 
 
-class SWADCallback(WeightAveraging):
+class SWADCallback(Callback):
     r"""SWAD (Cha et al., "SWAD: Domain Generalization by Seeking Flat Minima", NeurIPS 2021): dense
     weight averaging over the *loss valley* of a validation loss.
 
     Training is cut into segments by the validation runs. Within a segment the weights after every
-    optimizer step are averaged (Lightning's ``WeightAveraging`` over ``torch.optim.swa_utils.AveragedModel``,
-    one extra copy of the parameters on the model's device); after each validation the segment's
-    average is kept on the CPU and the monitored loss goes to ``LossValley``, which decides, as
-    khanrc/swad does, which segments make the final average (see ``fishr_lightning.averaging.loss_valley``).
-    At the end of training the module's parameters are replaced by that average and, where the model
-    has BatchNorm layers in training mode, their statistics are recomputed on training batches. The
-    current model, not the average, is what validation sees during training.
+    optimizer step are averaged (a ``torch.optim.swa_utils.AveragedModel`` of the parameters, one
+    extra copy on the training device); after each validation the segment's average is kept on the
+    CPU and the monitored loss goes to ``LossValley``, which decides, as khanrc/swad does, which
+    segments make the final average (see ``fishr_lightning.averaging.loss_valley``). At the end of
+    training the module's parameters are replaced by that average and, where the model has BatchNorm
+    layers in training mode, their statistics are recomputed on training batches as khanrc/swad's
+    ``update_bn`` does (the next ``bn_update_batches`` batches, cumulative average). The current
+    model, not the average, is what validation sees during training.
 
     Args:
         monitor: the validation loss that places the valley, as logged (SWAD and the app: the mean
@@ -81,8 +86,12 @@ class SWADCallback(WeightAveraging):
         bn_update_batches: training batches over which BatchNorm statistics are recomputed for the
             averaged weights (default 500, SWAD's; 0 keeps the current statistics). Models whose
             BatchNorm layers stay in eval mode during training (DomainBed's frozen BatchNorm) need none.
+            Fewer batches than asked is a warning naming the number; none is an error.
         inputs_from_batch: ``batch -> inputs`` of the module's ``forward`` for the recomputation
             (default: ``batch[0]``, or ``batch["x"]``).
+        bn_batches: ``trainer -> iterable of training batches`` for the recomputation (default: a
+            fresh pass over ``trainer.train_dataloader``). A loader whose sampler ends at the last step
+            gives none after training: pass the batches of the steps after it (the app does).
 
     After ``fit``, ``summary`` (a ``SWADSummary``) says what the weights are. The callback's state
     (the segment being averaged, the kept segments, the valley) is saved in checkpoints: a run
@@ -99,23 +108,25 @@ class SWADCallback(WeightAveraging):
         early_stop: bool = True,
         bn_update_batches: int = 500,
         inputs_from_batch: InputsFromBatch | None = None,
+        bn_batches: TrainingBatches | None = None,
     ) -> None:
-        # Parameters only, as SWAD's AveragedModel: averaged BatchNorm statistics would not match the
-        # averaged weights; they are recomputed at the end instead.
-        super().__init__(use_buffers=False)
-        if isinstance(bn_update_batches, bool) or not isinstance(bn_update_batches, int) or bn_update_batches < 0:
-            raise FishrInputError(f"bn_update_batches={bn_update_batches!r}: a number of training batches, 0 or more.")
         self.monitor = monitor
         self.valley = LossValley(n_converge, n_tolerance, tolerance_ratio)
         self.early_stop = early_stop
-        self.bn_update_batches = bn_update_batches
+        self.bn_update_batches = check_num_batches(bn_update_batches)
         self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+        self.bn_batches = bn_batches or default_training_batches
         self.summary: SWADSummary | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.valley.reset()
         self.summary = None
+        # The segment being averaged: parameters only, as SWAD's AveragedModel (averaged BatchNorm
+        # statistics would not match the averaged weights; they are recomputed at the end instead).
+        self._segment: AveragedModel | None = None
+        self._parameters: _Parameters | None = None
+        self._restored_segment: dict[str, Any] | None = None  # from a checkpoint, until the segment exists
         self._latest_update_step = 0
         self._segment_first_step: int | None = None
         self._segment_steps: dict[int, tuple[int, int]] = {}  # segment -> (first, last) optimizer step
@@ -136,24 +147,30 @@ class SWADCallback(WeightAveraging):
                 "fishr_lightning.averaging.LossValley and torch.optim.swa_utils.AveragedModel."
             )
         self._reset()  # a new fit starts afresh; a checkpoint's state is loaded after this
-        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in setup: layers made in configure_model exist, and the module is on its device.
+        self._parameters = _Parameters(pl_module.parameters())
+        self._segment = AveragedModel(self._parameters, use_buffers=False)
+        restored, self._restored_segment = self._restored_segment, None
+        if restored is not None:
+            with torch.no_grad():
+                for p, saved in zip(self._segment.module.parameters(), restored["parameters"]):
+                    p.copy_(saved.to(p.device))
+                self._segment.n_averaged.fill_(restored["n_averaged"])
 
     # -- during training ------------------------------------------------------------------------
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._batchnorm_trainable is None:
+        if self._batchnorm_trainable is None:  # what training does, not what eval()/train() say at the end
             self._batchnorm_trainable = bool(trainable_batchnorms(pl_module))
-        if trainer.global_step > self._latest_update_step and self._segment_first_step is None:
-            self._segment_first_step = trainer.global_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validation sees the current weights (SWAD's losses are the current model's)."""
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """(No swap: see ``on_validation_epoch_start``.)"""
+        if trainer.global_step > self._latest_update_step:  # an optimizer step happened
+            if self._segment_first_step is None:
+                self._segment_first_step = trainer.global_step
+            self._segment.update_parameters(self._parameters)
+            self._latest_update_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor is None or trainer.state.fn != TrainerFn.FITTING:
@@ -164,20 +181,18 @@ class SWADCallback(WeightAveraging):
         """Close the segment of the steps since the last evaluation, whose weights have validation
         loss ``loss``. Validation runs call it with the monitored metric; a loop that evaluates
         outside Lightning's validation (the app) calls it itself, with ``monitor=None``."""
-        if self._average_model is None or int(self._average_model.n_averaged) == 0:
+        if self._segment is None or int(self._segment.n_averaged) == 0:
             return  # no optimizer step since the last evaluation: no new segment
         loss = float(trainer.strategy.broadcast(float(loss), src=0))  # one decision on every rank
         index = self.valley.num_segments
         if not self.valley.dead:
-            self._kept_segments[index] = [
-                p.detach().to("cpu", copy=True) for p in self._average_model.module.parameters()
-            ]
+            self._kept_segments[index] = [p.detach().to("cpu", copy=True) for p in self._segment.module.parameters()]
             self._segment_steps[index] = (self._segment_first_step, trainer.global_step)
         for segment in self.valley.update(loss):
             self._add_to_final(segment)
         keep = self.valley.segments_to_keep()
         self._kept_segments = {i: w for i, w in self._kept_segments.items() if i in keep}
-        self._average_model.n_averaged.zero_()  # the next update starts the next segment
+        self._segment.n_averaged.zero_()  # the next update starts the next segment
         self._segment_first_step = None
         if self.valley.dead and self.early_stop:
             trainer.should_stop = True
@@ -239,33 +254,18 @@ class SWADCallback(WeightAveraging):
     def _recompute_batchnorm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if not self._batchnorm_trainable or self.bn_update_batches == 0:
             return 0
-        batches = itertools.islice(iter(trainer.train_dataloader), self.bn_update_batches)
-        pl_module.train()  # a train() that keeps some BatchNorm layers frozen leaves those as they are
-        targets = trainable_batchnorms(pl_module)
-
-        def forward(model: torch.nn.Module, batch: Any) -> Any:
-            return model(move_data_to_device(self.inputs_from_batch(batch), pl_module.device))
-
-        return recompute_batchnorm_statistics(pl_module, targets, batches, forward)
+        return update_batchnorm_from_training(
+            trainer, pl_module, self.bn_update_batches, self.bn_batches, self.inputs_from_batch, "SWADCallback"
+        )
 
     # -- checkpointing --------------------------------------------------------------------------
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """The module's own weights stay the checkpoint's ``state_dict``; SWAD's state is the callback's."""
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """(See ``on_save_checkpoint``.)"""
-
     def state_dict(self) -> dict[str, Any]:
-        segment = None
-        if self._average_model is not None:
+        segment = self._restored_segment
+        if self._segment is not None:
             segment = {
-                "parameters": [p.detach().cpu().clone() for p in self._average_model.module.parameters()],
-                "n_averaged": int(self._average_model.n_averaged),
+                "parameters": [p.detach().cpu().clone() for p in self._segment.module.parameters()],
+                "n_averaged": int(self._segment.n_averaged),
             }
         return {
             "valley": self.valley.state_dict(),
@@ -288,9 +288,4 @@ class SWADCallback(WeightAveraging):
         self._final_count = int(state_dict["final_count"])
         self._latest_update_step = int(state_dict["latest_update_step"])
         self._batchnorm_trainable = state_dict["batchnorm_trainable"]
-        segment = state_dict["segment"]
-        if segment is not None and self._average_model is not None:
-            with torch.no_grad():
-                for p, saved in zip(self._average_model.module.parameters(), segment["parameters"]):
-                    p.copy_(saved.to(p.device))
-                self._average_model.n_averaged.fill_(segment["n_averaged"])
+        self._restored_segment = state_dict["segment"]  # applied in on_train_start

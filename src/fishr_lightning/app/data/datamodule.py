@@ -233,7 +233,7 @@ class DomainBedDataModule(pl.LightningDataModule):
             split_indices(len(domain), holdout_fraction, seed_hash(trial_seed, env))
             for env, domain in enumerate(data.domains)
         ]
-        self._eval_loader: DataLoader | None = None
+        self._eval_loaders: dict[bool, DataLoader] = {}  # by augmentation
 
     @property
     def eval_names(self) -> list[str]:
@@ -267,12 +267,33 @@ class DomainBedDataModule(pl.LightningDataModule):
         )
         return DataLoader(dataset, batch_sampler=sampler, **self.loader_options)
 
-    def eval_splits(self) -> list[DomainSplit]:
-        """Every domain's in split, then every out split (``eval_names``' order)."""
+    def training_batches(self, first_step: int, num_steps: int) -> DataLoader:
+        """The training batches of steps ``first_step .. first_step + num_steps - 1``, this process's
+        share, as the training loader draws them: past the run's last step too. SWAD's BatchNorm
+        re-estimation reads the steps after the last (khanrc/swad's ``update_bn`` draws the next
+        batches of the run's infinite training iterator), whatever step the run ended at."""
+        trainer = self.trainer
+        dataset = self.train_dataset()
+        sampler = DomainBatchSampler(
+            domain_sizes=[len(split) for split in dataset.datasets],
+            batch_size=self.batch_size,
+            total_steps=first_step + num_steps,
+            seed=self.seed,
+            first_step=lambda: first_step,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        options = {**self.loader_options, "persistent_workers": False}  # read once
+        return DataLoader(dataset, batch_sampler=sampler, **options)
+
+    def eval_splits(self, augmentation: bool | None = None) -> list[DomainSplit]:
+        """Every domain's in split, then every out split (``eval_names``' order); the training domains'
+        through the training transform when ``augmentation`` (default: ``eval_augmentation``)."""
+        augmentation = self.eval_augmentation if augmentation is None else augmentation
         splits = []
         for split_index, split in enumerate(("in", "out")):
             for env, domain in enumerate(self.data.domains):
-                augmented = self.eval_augmentation and env in self.train_envs and self.data.train_transform is not None
+                augmented = augmentation and env in self.train_envs and self.data.train_transform is not None
                 splits.append(
                     DomainSplit(
                         domain,
@@ -285,20 +306,31 @@ class DomainBedDataModule(pl.LightningDataModule):
         return splits
 
     def eval_loader(
-        self, step: int, rank: int = 0, world_size: int = 1, splits: Sequence[int] | None = None
+        self,
+        step: int,
+        rank: int = 0,
+        world_size: int = 1,
+        splits: Sequence[int] | None = None,
+        augmentation: bool | None = None,
     ) -> DataLoader:
         """The evaluation at ``step`` of ``splits`` (indices into ``eval_splits()``; default all) as one
         loader of ``(x, y, split)`` batches; process ``rank`` reads samples ``rank, rank + W, ...`` of each.
+        ``augmentation``: the training domains through the training transform (default:
+        ``eval_augmentation``); SWAD's valley loss asks for ``False`` (khanrc/swad's ``val_augment=False``).
 
         One loader serves the whole run: with ``persistent_workers`` its worker pool is started once,
         not once per split and evaluation (DomainBed re-creates a loader per split, 12 pools per
         evaluation on DomainNet)."""
-        if self._eval_loader is None:
-            eval_splits = self.eval_splits()
+        augmentation = self.eval_augmentation if augmentation is None else augmentation
+        if augmentation not in self._eval_loaders:
+            eval_splits = self.eval_splits(augmentation)
             sampler = EvaluationSampler([len(split) for split in eval_splits], self.eval_batch_size)
-            self._eval_loader = DataLoader(EvaluationSplits(eval_splits), batch_sampler=sampler, **self.loader_options)
-        self._eval_loader.batch_sampler.ask(step, rank, world_size, splits)
-        return self._eval_loader
+            self._eval_loaders[augmentation] = DataLoader(
+                EvaluationSplits(eval_splits), batch_sampler=sampler, **self.loader_options
+            )
+        loader = self._eval_loaders[augmentation]
+        loader.batch_sampler.ask(step, rank, world_size, splits)
+        return loader
 
     def teardown(self, stage: str) -> None:
-        self._eval_loader = None  # its persistent workers end with it
+        self._eval_loaders.clear()  # their persistent workers end with them

@@ -2,7 +2,10 @@
 DomainBed's step labels, and the averaged model's record beside DomainBed's (``averaged.jsonl``).
 
 The DomainBed records (``results.jsonl``) stay those of the current model, so a sweep with averaging
-still reads as DomainBed's; the averaged model is evaluated once, at the end, on every split.
+still reads as DomainBed's; the averaged model is evaluated once, at the end of training, on every
+split: in ``on_train_end``, after the averaging callbacks put the averaged weights in the module and
+before Lightning's teardown moves it to the CPU, so on the training device, under the strategy and
+the precision plugin, on every process (issue 18).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.records import AVERAGED_FILE
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation, per_split_sums
+from fishr_lightning.averaging.batchnorm_update import BatchNormUpdate
 from fishr_lightning.averaging.swad import SWADCallback
 
 
@@ -27,10 +32,15 @@ class SWADValleyLoss(Callback):
     """Closes SWAD's segment after DomainBed's step ``s`` when ``s % eval_every == 0`` (khanrc/swad's
     loop), with the current model's loss on the training domains' out splits: the mean over those
     domains of each split's mean cross-entropy (SWAD's ``tr_outloss``), every sample counted once
-    across processes."""
+    across processes. ``augmentation``: the out splits through the training transform; khanrc/swad
+    evaluates them with the plain one (``val_augment=False``), the app's default
+    (``averaging.valley_augmentation=false``)."""
 
-    def __init__(self, swad: SWADCallback, datamodule: DomainBedDataModule, eval_every: int) -> None:
+    def __init__(
+        self, swad: SWADCallback, datamodule: DomainBedDataModule, eval_every: int, augmentation: bool = False
+    ) -> None:
         self.swad, self.datamodule, self.eval_every = swad, datamodule, eval_every
+        self.augmentation = augmentation
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -41,7 +51,9 @@ class SWADValleyLoss(Callback):
 
     def training_domains_out_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> float:
         out_splits = [self.datamodule.eval_names.index(f"env{env}_out") for env in self.datamodule.train_envs]
-        loader = self.datamodule.eval_loader(step, trainer.global_rank, trainer.world_size, splits=out_splits)
+        loader = self.datamodule.eval_loader(
+            step, trainer.global_rank, trainer.world_size, splits=out_splits, augmentation=self.augmentation
+        )
         sums_L2 = per_split_sums(
             trainer,
             pl_module,
@@ -53,25 +65,43 @@ class SWADValleyLoss(Callback):
         return float((sums_S2[:, 0] / sums_S2[:, 1].clamp(min=1)).mean())
 
 
-def averaging_callbacks(cfg: DictConfig, datamodule: DomainBedDataModule) -> list[Callback]:
+def averaging_callbacks(
+    cfg: DictConfig, datamodule: DomainBedDataModule, evaluation: DomainBedEvaluation, run_dir: Path
+) -> list[Callback]:
     """The callbacks of ``cfg.averaging`` (none, swad, ema), in the order they must run: before the
-    evaluation callback, so that a checkpoint saved at a record holds the segment just closed."""
+    evaluation callback, so that a checkpoint saved at a record holds the segment just closed; the
+    averaged model's record last, once the averaged weights and their BatchNorm statistics are in."""
     averaging = cfg.averaging
     if averaging.name is None:
         return []
+    bn_update_batches = averaging.get("bn_update_batches", 500)
+
+    def bn_batches(trainer: pl.Trainer) -> DataLoader:
+        # The steps after the last one, as khanrc/swad's update_bn reads its infinite training iterator on.
+        return datamodule.training_batches(trainer.global_step, bn_update_batches)
+
+    record = AveragedModelRecord(evaluation, cfg, run_dir)
     if averaging.name == "EMA":
-        return [EMAWeightAveraging(decay=averaging.decay, update_starting_at_step=averaging.update_starting_at_step)]
+        ema = EMAWeightAveraging(decay=averaging.decay, update_starting_at_step=averaging.update_starting_at_step)
+        return [ema, BatchNormUpdate(bn_update_batches, batches=bn_batches), record]
     if averaging.name == "SWAD":
         check_swad_evaluations(cfg.steps, averaging.eval_every, averaging.n_converge)
+        valley_augmentation = averaging.get("valley_augmentation", False)
+        if not isinstance(valley_augmentation, bool):
+            raise AppError(
+                f"averaging.valley_augmentation={valley_augmentation}: false (khanrc/swad's val_augment=False, the "
+                "plain transform) or true (the training augmentation, as DomainBed's evaluation)."
+            )
         swad = SWADCallback(
             monitor=None,
             n_converge=averaging.n_converge,
             n_tolerance=averaging.n_tolerance,
             tolerance_ratio=averaging.tolerance_ratio,
             early_stop=averaging.early_stop,
-            bn_update_batches=averaging.bn_update_batches,
+            bn_update_batches=bn_update_batches,
+            bn_batches=bn_batches,
         )
-        return [swad, SWADValleyLoss(swad, datamodule, averaging.eval_every)]
+        return [swad, SWADValleyLoss(swad, datamodule, averaging.eval_every, valley_augmentation), record]
     raise AppError(
         f"averaging.name={averaging.name!r} is not one of the averaging configs: use averaging=none, swad or ema."
     )
@@ -96,29 +126,32 @@ def stopped_early(callbacks: list[Callback]) -> bool:
     return any(isinstance(cb, SWADCallback) and cb.summary is not None and cb.summary.stopped_early for cb in callbacks)
 
 
-def record_averaged_model(
-    trainer: pl.Trainer,
-    module: pl.LightningModule,
-    evaluation: DomainBedEvaluation,
-    callbacks: list[Callback],
-    cfg: DictConfig,
-    run_dir: Path,
-    last_step: int,
-) -> dict[str, Any] | None:
-    """Evaluates the averaged weights (already in ``module``) on every split and writes the record to
-    ``averaged.jsonl``, DomainBed's format with ``args.algorithm`` = e.g. ``"Fishr + SWAD"``, so that
-    ``fishr-collect`` shows the averaged runs as their own rows and DomainBed's own collect_results.py,
-    which reads only results.jsonl, sees the sweep unchanged."""
-    if cfg.averaging.name is None:
-        return None
-    record: dict[str, Any] = {"step": last_step, "averaging": cfg.averaging.name}
-    record.update(evaluation.accuracies(trainer, module, last_step))
-    swad = next((cb for cb in callbacks if isinstance(cb, SWADCallback)), None)
-    if swad is not None and swad.summary is not None:
-        record["swad"] = swad.summary.as_record()
-    args = {**evaluation.writer.args, "algorithm": f"{cfg.algorithm.name} + {cfg.averaging.name}"}
-    args["averaging"] = {key: value for key, value in cfg.averaging.items()}
-    record = {**record, "hparams": evaluation.writer.hparams, "args": args}
-    if trainer.is_global_zero:
-        (run_dir / AVERAGED_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
-    return record
+class AveragedModelRecord(Callback):
+    """Evaluates the averaged weights (put in the module by the averaging callbacks before it) on
+    every split at the end of training and writes the record to ``averaged.jsonl``, DomainBed's format
+    with ``args.algorithm`` = e.g. ``"Fishr + SWAD"``, so that ``fishr-collect`` shows the averaged runs
+    as their own rows and DomainBed's own collect_results.py, which reads only results.jsonl, sees the
+    sweep unchanged. ``record`` holds it afterwards (in this process)."""
+
+    def __init__(self, evaluation: DomainBedEvaluation, cfg: DictConfig, run_dir: Path) -> None:
+        self.evaluation = evaluation
+        self.algorithm = f"{cfg.algorithm.name} + {cfg.averaging.name}"
+        self.averaging = OmegaConf.to_container(cfg.averaging, resolve=True)
+        self.path = run_dir / AVERAGED_FILE
+        self.record: dict[str, Any] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not after trainer.fit: Strategy.teardown has then moved the module to the CPU (issue 18).
+        step = trainer.global_step - 1  # DomainBed's label of the last update the averaged weights saw
+        record: dict[str, Any] = {"step": step, "averaging": self.averaging["name"]}
+        record.update(self.evaluation.accuracies(trainer, pl_module, step))
+        swad = next((cb for cb in trainer.callbacks if isinstance(cb, SWADCallback)), None)
+        if swad is not None and swad.summary is not None:
+            record["swad"] = swad.summary.as_record()
+        batchnorm = next((cb for cb in trainer.callbacks if isinstance(cb, BatchNormUpdate)), None)
+        if batchnorm is not None:
+            record["batchnorm_batches"] = batchnorm.batches_used
+        args = {**self.evaluation.writer.args, "algorithm": self.algorithm, "averaging": self.averaging}
+        self.record = {**record, "hparams": self.evaluation.writer.hparams, "args": args}
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps(self.record, sort_keys=True) + "\n")

@@ -24,9 +24,6 @@ from lightning.pytorch.callbacks import Callback
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.results import RecordWriter
 
-# Metrics that other callbacks log and DomainBed records under another name.
-LOGGED_LOSS_TERMS = {"fishr/penalty": "penalty"}
-
 
 def is_record_step(step: int, steps: int, checkpoint_freq: int) -> bool:
     """DomainBed's test: ``step`` is the 0-based index of the update just done."""
@@ -46,18 +43,24 @@ def per_split_sums(
 ) -> torch.Tensor:
     """``[L, 2]`` float64: for each split, the sum of ``per_sample(logits, y_N)`` (``[N]``) over its
     samples and its number of samples, summed over processes (each reads its own share of every split),
-    with the module in eval mode under the trainer's precision and ``torch.inference_mode``.
+    with the module in eval mode and ``torch.inference_mode``, on the training device. Each batch goes
+    as Lightning's loops send one: the precision plugin's ``convert_input`` (``16-true``/``bf16-true``:
+    half inputs), ``trainer.strategy.batch_to_device`` (with the batch transfer hooks, device-side
+    transforms included), then the forward under the plugin's ``forward_context`` (autocast).
     ``loader`` yields ``(x, y_N, split_N)`` (``DomainBedDataModule.eval_loader``). Accuracies and
     SWAD's valley loss are both ratios of these sums, so every sample counts once whatever the number
     of processes."""
-    sums_L2 = torch.zeros(num_splits, 2, dtype=torch.float64, device=pl_module.device)
+    sums_L2 = torch.zeros(num_splits, 2, dtype=torch.float64, device=trainer.strategy.root_device)
+    precision = trainer.precision_plugin
     was_training = pl_module.training
     pl_module.eval()
     try:
-        with torch.inference_mode(), trainer.precision_plugin.forward_context():
-            for x, y_N, split_N in loader:
-                x, y_N, split_N = (t.to(pl_module.device) for t in (x, y_N, split_N))
-                values_N = per_sample(pl_module(x).float(), y_N).double()
+        with torch.inference_mode():
+            for batch in loader:
+                x, y_N, split_N = trainer.strategy.batch_to_device(precision.convert_input(batch), dataloader_idx=0)
+                with precision.forward_context():
+                    logits = pl_module(x)
+                values_N = per_sample(logits.float(), y_N).double()
                 sums_L2.index_add_(0, split_N, torch.stack([values_N, torch.ones_like(values_N)], dim=1))
     finally:
         pl_module.train(was_training)
@@ -66,16 +69,12 @@ def per_split_sums(
     return sums_L2
 
 
-def logged_this_step(trainer: pl.Trainer, name: str) -> float | None:
-    """The value ``name`` logged (``self.log``, on_step) in the current training step.
-
-    Lightning moves step metrics to ``callback_metrics`` only after ``on_train_batch_end``; the
-    record of a step needs them in that hook, so they are read from the loop's result collection."""
-    results = getattr(trainer, "_results", None)
-    if results is None:
-        return None
-    value = results.metrics(on_step=True)["callback"].get(name)
-    return None if value is None else float(value)
+def last_penalty(trainer: pl.Trainer) -> float | None:
+    """The raw penalty of the last training step, from the callbacks that expose ``last_penalty``
+    (``FishrCallback``; the contract of issue 18), summed if several do; ``None`` if none has one."""
+    values = [getattr(cb, "last_penalty", None) for cb in trainer.callbacks]
+    values = [value for value in values if value is not None]
+    return float(sum(values)) if values else None
 
 
 class DomainBedEvaluation(Callback):
@@ -135,10 +134,9 @@ class DomainBedEvaluation(Callback):
             for name in ("loss", "nll"):
                 if name in outputs:
                     self.step_values[name].append(float(outputs[name]))
-        for logged_name, record_name in LOGGED_LOSS_TERMS.items():
-            value = logged_this_step(trainer, logged_name)
-            if value is not None:
-                self.step_values[record_name].append(value)
+        penalty = last_penalty(trainer)
+        if penalty is not None:
+            self.step_values["penalty"].append(penalty)  # DomainBed's Fishr records it as "penalty"
         step = trainer.global_step - 1  # DomainBed's label of the update just done
         if not is_record_step(step, self.steps, self.checkpoint_freq):
             return

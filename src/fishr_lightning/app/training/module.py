@@ -48,4 +48,9 @@ class DomainClassifier(pl.LightningModule):
         return {"loss": nll, "nll": nll.detach()}
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # Called once the precision plugin has converted the module. Adam's eps (1e-8, DomainBed's) is 0 in
+        # float16 (trainer.precision=16-true): a gradient whose square underflows gives 0/0, NaN weights after
+        # the first step. There it is float16's smallest normal number instead (issue 18).
+        dtype = next(self.parameters()).dtype
+        eps = max(1e-8, torch.finfo(dtype).tiny) if dtype == torch.float16 else 1e-8
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, eps=eps)

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from fishr_lightning.app.training.evaluation import logged_this_step
+from fishr_lightning.app.training.evaluation import last_penalty
 
 
 def format_duration(seconds: float) -> str:
@@ -48,7 +48,7 @@ class ProgressLines(Callback):
         parts = [f"step {done - 1}/{self.steps - 1}"]
         if isinstance(outputs, dict):
             parts += [f"{name} {float(outputs[name]):.4f}" for name in ("loss", "nll") if name in outputs]
-        penalty = logged_this_step(trainer, "fishr/penalty")
+        penalty = last_penalty(trainer)
         if penalty is not None:
             parts.append(f"penalty {penalty:.4g}")
         elapsed = time.perf_counter() - self._started_at

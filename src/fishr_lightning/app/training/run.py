@@ -41,7 +41,7 @@ from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
-from fishr_lightning.app.training.averaging import averaging_callbacks, record_averaged_model, stopped_early
+from fishr_lightning.app.training.averaging import AveragedModelRecord, averaging_callbacks, stopped_early
 from fishr_lightning.app.training.config_checks import check_top_level_keys
 from fishr_lightning.app.training.console import quiet_lightning
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
@@ -218,8 +218,11 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         steps_per_epoch=datamodule.steps_per_epoch,
         resume_checkpoint=run_dir / RESUME_CHECKPOINT,
     )
-    averaging = averaging_callbacks(cfg, datamodule)
-    callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), *averaging, evaluation]
+    averaging = averaging_callbacks(cfg, datamodule, evaluation, run_dir)
+    # The full checkpoint's on_train_end runs before the averaging callbacks put the averaged weights
+    # in the module: it holds the raw training weights and optimizer state (resumable, issue 18).
+    final_checkpoint = [FinalCheckpoint(run_dir / FULL_CHECKPOINT_FILE)] if cfg.save_model == "full" else []
+    callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), *final_checkpoint, *averaging, evaluation]
     if not progress_bar and cfg.progress.every:
         callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
     callbacks += instantiate_callbacks(cfg.callbacks)
@@ -238,6 +241,12 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         default_root_dir=str(run_dir),
     )
     check_batch_divides(hparams["batch_size"], trainer.world_size)
+    if trainer.accumulate_grad_batches != 1:
+        raise AppError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported: DomainBed's step "
+            "(and Fishr's penalty) is one update over the whole batch of every training domain, which Lightning's "
+            "micro-batches would split. Raise batch_size (per domain and step) or use more devices instead."
+        )
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
     evaluation.writer.args["skipped_images"] = len(data.skipped_images)  # data.skip_broken_images=true
     if ckpt_path is not None:
@@ -248,10 +257,10 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     records = read_records(run_dir)
     # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
     finished = bool(records) and (records[-1]["step"] == cfg.steps - 1 or stopped_early(averaging))
-    averaged = record_averaged_model(
-        trainer, module, evaluation, averaging, cfg, run_dir, records[-1]["step"] if records else 0
-    )
-    save_model(trainer, module, run_dir, cfg.save_model, backbone, data.input_shape, spec.num_classes, records)
+    averaged = next((cb.record for cb in averaging if isinstance(cb, AveragedModelRecord)), None)
+    # With averaging, model.pt holds the averaged weights also when model.ckpt holds the raw ones (full).
+    weights = cfg.save_model == "weights" or (cfg.save_model == "full" and cfg.averaging.name is not None)
+    save_model(trainer, module, run_dir, weights, backbone, data.input_shape, spec.num_classes, records)
     if trainer.is_global_zero:
         if finished:
             (run_dir / DONE_FILE).write_text("done")
@@ -283,17 +292,16 @@ def save_model(
     trainer: pl.Trainer,
     module: DomainClassifier,
     run_dir: Path,
-    mode: str,
+    weights: bool,
     backbone: dict[str, Any],
     input_shape: tuple[int, ...],
     num_classes: int,
     records: list[dict[str, Any]],
 ) -> None:
-    """``weights``: ``model.pt``, the module's weights and what rebuilds it (``load_model``), as
-    DomainBed's ``model.pkl``; ``full``: ``model.ckpt``, resumable (optimizer, Fishr's EMA); ``none``."""
-    if mode == "full":
-        trainer.save_checkpoint(run_dir / FULL_CHECKPOINT_FILE, weights_only=False)  # on every rank (barrier)
-    elif mode == "weights" and trainer.is_global_zero:
+    """With ``weights``, ``model.pt``: the module's weights (the averaged ones with averaging) and what
+    rebuilds it (``load_model``), as DomainBed's ``model.pkl``. (``save_model=full``'s ``model.ckpt`` is
+    written during the fit, by ``FinalCheckpoint``.)"""
+    if weights and trainer.is_global_zero:
         last = records[-1] if records else {}
         torch.save(
             {
@@ -307,6 +315,22 @@ def save_model(
             },
             run_dir / WEIGHTS_FILE,
         )
+
+
+class FinalCheckpoint(Callback):
+    """``save_model=full``: the full checkpoint (``model.ckpt``: the raw training weights, optimizer
+    state, Fishr's EMA, the callbacks' state; resumable with ``ckpt_path=``) at the end of training.
+
+    Saved in ``on_train_end`` by a callback placed before the averaging callbacks, so that it holds
+    the weights training reached, not the average they then put in the module (with EMA, Lightning's
+    ``EMAWeightAveraging`` stores its average as the checkpoint's ``state_dict`` and the training
+    weights as ``current_model_state``, and restores both on resume)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # on every rank (it ends in a barrier)
 
 
 def load_model(path: str | Path) -> DomainClassifier:
