@@ -95,7 +95,10 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 @dataclass
 class MultiDomainData:
-    """One dataset per domain, and how to turn its items into tensors for training and evaluation."""
+    """One dataset per domain, and how to turn its items into tensors for training and evaluation:
+    ``train_transform``/``eval_transform`` per item (in the loader workers), then ``batch_transform``, when
+    set, per batch on the training device (the fast image pipeline's second half). ``pipeline`` says which
+    image pipeline built them (``fast``, ``domainbed``; ``tensors`` for datasets held as tensors)."""
 
     spec: DatasetSpec
     domains: list[Dataset]
@@ -103,6 +106,8 @@ class MultiDomainData:
     train_transform: Transform | None = None
     eval_transform: Transform | None = None
     class_names: list[str] = field(default_factory=list)
+    batch_transform: Callable[[Any], Tensor] | None = None
+    pipeline: str = "tensors"
 
 
 def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:

@@ -55,8 +55,10 @@ def per_split_sums(
     pl_module.eval()
     try:
         with torch.inference_mode(), trainer.precision_plugin.forward_context():
-            for x, y_N, split_N in loader:
-                x, y_N, split_N = (t.to(pl_module.device) for t in (x, y_N, split_N))
+            for batch in loader:
+                # Through the batch hooks, as training batches: the fast image pipeline finishes its
+                # images on the device there (DomainBedDataModule.on_after_batch_transfer).
+                x, y_N, split_N = trainer.strategy.batch_to_device(batch, pl_module.device)
                 values_N = per_sample(pl_module(x).float(), y_N).double()
                 sums_L2.index_add_(0, split_N, torch.stack([values_N, torch.ones_like(values_N)], dim=1))
     finally:

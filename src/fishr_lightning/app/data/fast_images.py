@@ -1,0 +1,235 @@
+"""The fast image path (``data.pipeline=fast``, issue 20): DomainBed's transforms split between the loader
+workers and the training device, with the same random draws.
+
+- **Workers** (``FastImageTransform``, per file): open the image, draw DomainBed's random parameters with
+  torchvision's own ``get_params`` in DomainBed's order (crop, flip, colour jitter, grayscale), decode the JPEG
+  at the smallest DCT scale that still leaves the crop at least the output's size (PIL's ``draft``:
+  libjpeg-turbo's scaled IDCT, 2-8× fewer pixels to decode at TerraIncognita's 2048×1536), crop and resize
+  to the output's size, and ship ``UInt8Images``: the uint8 pixels and the sample's parameters.
+- **Device** (``DeviceAugmentation``, per batch, in the datamodule's ``on_after_batch_transfer``): flip,
+  ``ColorJitter(0.3, 0.3, 0.3, 0.3)`` (each sample in its own random order of the four operations, as
+  torchvision draws it), ``RandomGrayscale``, float conversion and normalisation, batched, each sample with
+  its own parameters; the colour operations are kornia's torchvision-semantics kernels (``kornia.enhance``).
+
+Where this differs from DomainBed's PIL path, by design: the colour operations run in float on the device
+(PIL rounds to uint8 after each one) and the resize starts from the DCT-reduced decode (``docs/app.md``
+gives the measured pixel difference).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms
+
+# DomainBed's training augmentation (domainbed/datasets.py), the parameters of the fast path's draws.
+CROP_SCALE = (0.7, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default, which DomainBed keeps
+FLIP_P = 0.5
+JITTER = 0.3  # ColorJitter(0.3, 0.3, 0.3, 0.3)
+GRAYSCALE_P = 0.1  # RandomGrayscale's default
+
+# Columns of ``UInt8Images.params_NK``, one row per sample.
+AUGMENT, FLIP, GRAY, BRIGHTNESS, CONTRAST, SATURATION, HUE = range(7)
+ORDER = slice(7, 11)  # the four colour operations' order, as torchvision's ``randperm(4)`` drew it
+NUM_PARAMS = 11
+DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes directly
+
+
+class UInt8Images(NamedTuple):
+    """What the fast path's workers ship: ``pixels`` uint8 ``[3, H, W]`` (``[N, 3, H, W]`` batched) and
+    ``params`` float32 ``[NUM_PARAMS]`` (``[N, NUM_PARAMS]``): the device part's per-sample parameters,
+    with ``params[AUGMENT] == 0`` for a sample only normalised (evaluation without augmentation)."""
+
+    pixels: Tensor
+    params: Tensor
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The one place the fast path opens an image file: lazily (only the header is read), so that
+    ``draft`` can still choose a reduced decode. Not oriented by EXIF, as DomainBed's PIL path."""
+    return Image.open(path)
+
+
+def dct_scale(crop_width: float, crop_height: float, output_size: int) -> int:
+    """The largest DCT reduction (8, 4, 2 or 1) that leaves a ``crop_width × crop_height`` region at least
+    ``output_size`` pixels on each side, so that the resize still only shrinks."""
+    for scale in DCT_SCALES:
+        if crop_width / scale >= output_size and crop_height / scale >= output_size:
+            return scale
+    return 1
+
+
+def draw_augmentation(width: int, height: int) -> tuple[tuple[int, int, int, int], Tensor]:
+    """One sample's DomainBed augmentation, drawn from torch's global RNG exactly as DomainBed's
+    ``transforms.Compose`` draws it (same calls, same order, so the same seed gives the same parameters):
+    ``((top, left, crop_height, crop_width), params)`` on the original image's coordinates."""
+    # get_params reads only the image's shape: a stride-0 view of one element stands for it.
+    crop = transforms.RandomResizedCrop.get_params(
+        torch.empty(1, 1, 1).expand(1, height, width), CROP_SCALE, CROP_RATIO
+    )
+    flip = float(torch.rand(1) < FLIP_P)
+    span = (1 - JITTER, 1 + JITTER)
+    order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
+        span, span, span, (-JITTER, JITTER)
+    )
+    gray = float(torch.rand(1) < GRAYSCALE_P)
+    params = torch.tensor([1.0, flip, gray, brightness, contrast, saturation, hue, *order.tolist()])
+    return crop, params
+
+
+NO_AUGMENTATION = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0])
+
+
+def reduced_resized_crop(image: Image.Image, box: tuple[float, float, float, float], output_size: int) -> Image.Image:
+    """``box`` (left, top, right, bottom, original coordinates) of ``image`` resized to ``output_size²``
+    (bilinear, PIL's antialiased filter as torchvision's), decoded at ``dct_scale`` when ``image`` is a JPEG."""
+    left, top, right, bottom = box
+    width, height = image.size
+    scale = dct_scale(right - left, bottom - top, output_size)
+    if scale > 1:
+        drafted = image.draft("RGB", (width // scale, height // scale))  # None unless a JPEG
+        if drafted is not None:
+            scale = width / drafted[1][2]  # the reduction libjpeg will apply
+        else:
+            scale = 1
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # greyscale, CMYK, palette PNG: as DomainBed's ImageFolder loader
+    size = (output_size, output_size)
+    if scale == 1:
+        # Crop, then resize: exactly torchvision's ``resized_crop``/``Resize`` on the full image.
+        return image.crop(tuple(int(v) for v in box)).resize(size, Image.Resampling.BILINEAR)
+    return image.resize(size, Image.Resampling.BILINEAR, box=tuple(v / scale for v in box))
+
+
+def to_uint8_chw(image: Image.Image) -> Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class FastImageTransform:
+    """The workers' part of the fast path: an image file's path → ``UInt8Images`` at ``output_size²``.
+
+    Args:
+        output_size: the square side of the output (DomainBed: 224).
+        augment: draw DomainBed's training augmentation (from torch's global RNG, which the datamodule
+            seeds per sample); False: evaluation's ``Resize((size, size))`` only.
+    """
+
+    def __init__(self, output_size: int, augment: bool) -> None:
+        self.output_size = output_size
+        self.augment = augment
+
+    def __call__(self, path: str | os.PathLike) -> UInt8Images:
+        image = open_image(path)
+        width, height = image.size
+        if self.augment:
+            (top, left, crop_height, crop_width), params = draw_augmentation(width, height)
+            box = (left, top, left + crop_width, top + crop_height)
+        else:
+            box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
+        pixels = to_uint8_chw(reduced_resized_crop(image, box, self.output_size))
+        return UInt8Images(pixels, params)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment})"
+
+
+class DeviceAugmentation:
+    """The device part of the fast path: ``UInt8Images`` (a batch) → normalised float32 ``[N, 3, H, W]``,
+    each sample augmented with its own parameters (rows with ``params[AUGMENT] == 0`` only normalised).
+
+    Args:
+        mean, std: the normalisation's, per channel (ImageNet's for DomainBed's backbones).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __call__(self, images: UInt8Images) -> Tensor:
+        x_NCHW = images.pixels.float().div_(255)  # ToTensor
+        params_NK = images.params.detach().cpu()  # which samples go where: a few hundred numbers, one copy
+        if params_NK[:, AUGMENT].any():
+            x_NCHW = augment_batch(x_NCHW, params_NK)
+        mean = torch.tensor(self.mean, device=x_NCHW.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x_NCHW.device).view(1, -1, 1, 1)
+        return x_NCHW.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def augment_batch(x_NCHW: Tensor, params_NK: Tensor) -> Tensor:
+    """Flip, colour jitter (each sample's four operations in its own order) and grayscale of the rows of
+    ``x_NCHW`` (floats in [0, 1]) whose ``params_NK[:, AUGMENT]`` is set, in DomainBed's order. ``params_NK``
+    lives on the CPU; the rows each operation touches are gathered, so each runs once per batch and order
+    position (16 colour calls in all), not once per sample."""
+    from kornia.enhance import (
+        adjust_brightness_accumulative,
+        adjust_contrast_with_mean_subtraction,
+        adjust_saturation_with_gray_subtraction,
+    )
+
+    # torchvision's ColorJitter indices: 0 brightness, 1 contrast, 2 saturation, 3 hue.
+    operations = (
+        (adjust_brightness_accumulative, BRIGHTNESS),
+        (adjust_contrast_with_mean_subtraction, CONTRAST),
+        (adjust_saturation_with_gray_subtraction, SATURATION),
+        (shift_hue, HUE),
+    )
+    device = x_NCHW.device
+    augmented = params_NK[:, AUGMENT] > 0
+    x_NCHW = x_NCHW.clone()
+    rows = _rows(augmented & (params_NK[:, FLIP] > 0), device)
+    if rows is not None:
+        x_NCHW[rows] = x_NCHW[rows].flip(-1)
+    order_N4 = params_NK[:, ORDER].long()
+    for position in range(4):
+        for index, (operation, column) in enumerate(operations):
+            selected = augmented & (order_N4[:, position] == index)
+            rows = _rows(selected, device)
+            if rows is not None:
+                factor = params_NK[selected, column].to(device=device, dtype=x_NCHW.dtype, non_blocking=True)
+                x_NCHW[rows] = operation(x_NCHW[rows], factor).clamp_(0, 1)
+    rows = _rows(augmented & (params_NK[:, GRAY] > 0), device)
+    if rows is not None:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=device, dtype=x_NCHW.dtype).view(1, 3, 1, 1)
+        x_NCHW[rows] = (x_NCHW[rows] * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    return x_NCHW
+
+
+_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B in the HSV → RGB formula below
+
+
+def shift_hue(x_NCHW: Tensor, factor_N: Tensor) -> Tensor:
+    """torchvision's ``adjust_hue`` (RGB → HSV, hue + ``factor`` turns mod 1, → RGB) of each sample by its own
+    factor, for floats in [0, 1]. Written out because kornia's ``adjust_hue`` (the same maths) measured
+    5.5 ms per 224² image on one CPU core against 2.5 ms here, half of the device part's time when the
+    device is the CPU; ``tests/test_app_fast_images.py`` checks it against torchvision's.
+
+    Hue in sixths: ``h6 = (next − previous) / (max − min) + 2·k`` for the channel ``k`` that holds the
+    maximum (R first on ties, as torchvision); back to RGB with ``c = max − (max − min)·clamp(min(t, 4 − t),
+    0, 1)``, ``t = (h6 + offset_c) mod 6`` (Wikipedia, "HSV to RGB alternative")."""
+    r, g, b = x_NCHW.unbind(1)
+    v = x_NCHW.amax(1)
+    d = v - x_NCHW.amin(1)
+    is_r = r == v
+    is_g = (g == v) & ~is_r
+    is_b = ~(is_r | is_g)
+    h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / (d + (d == 0)) + 2 * is_g + 4 * is_b
+    offsets = torch.tensor(_CHANNEL_OFFSETS, device=x_NCHW.device, dtype=x_NCHW.dtype).view(1, 3, 1, 1)
+    t = (h6 + 6 * factor_N.view(-1, 1, 1)).unsqueeze(1) + offsets
+    t -= 6 * torch.floor(t / 6)
+    return v.unsqueeze(1) - d.unsqueeze(1) * torch.minimum(t, 4 - t).clamp_(0, 1)
+
+
+def _rows(mask_N: Tensor, device: torch.device) -> Tensor | None:
+    if not mask_N.any():
+        return None
+    return mask_N.nonzero().squeeze(1).to(device, non_blocking=True)
