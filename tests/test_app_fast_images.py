@@ -189,7 +189,7 @@ def test_the_device_part_applies_torchvisions_operations_with_each_samples_param
     params_NK[:, BRIGHTNESS : SATURATION + 1] = 0.7 + 0.6 * torch.rand(24, 3, generator=generator)
     params_NK[:, HUE] = -0.3 + 0.6 * torch.rand(24, generator=generator)
     params_NK[:, ORDER] = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float32)
-    got = augment_batch(x_NCHW, params_NK)
+    got = augment_batch(x_NCHW.clone(), params_NK)  # in place
     # kornia's grayscale weights are 0.299/0.587/0.114, torchvision's 0.2989/0.587/0.114.
     torch.testing.assert_close(got, torchvision_reference(x_NCHW, params_NK), atol=1e-3, rtol=0)
     assert not torch.equal(got[1], got[2])  # per-sample parameters, not one draw for the batch

@@ -167,9 +167,13 @@ class DeviceAugmentation:
 
 def augment_batch(x_NCHW: Tensor, params_NK: Tensor) -> Tensor:
     """Flip, colour jitter (each sample's four operations in its own order) and grayscale of the rows of
-    ``x_NCHW`` (floats in [0, 1]) whose ``params_NK[:, AUGMENT]`` is set, in DomainBed's order. ``params_NK``
-    lives on the CPU; the rows each operation touches are gathered, so each runs once per batch and order
-    position (16 colour calls in all), not once per sample."""
+    ``x_NCHW`` (floats in [0, 1]) whose ``params_NK[:, AUGMENT]`` is set, in DomainBed's order; ``x_NCHW`` is
+    changed in place and returned. ``params_NK`` lives on the CPU.
+
+    The augmented rows are gathered once, sorted by their order of the four colour operations, so that the
+    samples sharing an order (24 possible) form one contiguous slice that each operation processes at once,
+    each sample with its own factor; they are scattered back once. (Gathering the rows of each operation at
+    each position instead copies every image 8 times: measured 20 % of the device part on the CPU.)"""
     from kornia.enhance import (
         adjust_brightness_accumulative,
         adjust_contrast_with_mean_subtraction,
@@ -184,23 +188,30 @@ def augment_batch(x_NCHW: Tensor, params_NK: Tensor) -> Tensor:
         (shift_hue, HUE),
     )
     device = x_NCHW.device
-    augmented = params_NK[:, AUGMENT] > 0
-    x_NCHW = x_NCHW.clone()
-    rows = _rows(augmented & (params_NK[:, FLIP] > 0), device)
-    if rows is not None:
-        x_NCHW[rows] = x_NCHW[rows].flip(-1)
-    order_N4 = params_NK[:, ORDER].long()
-    for position in range(4):
-        for index, (operation, column) in enumerate(operations):
-            selected = augmented & (order_N4[:, position] == index)
-            rows = _rows(selected, device)
-            if rows is not None:
-                factor = params_NK[selected, column].to(device=device, dtype=x_NCHW.dtype, non_blocking=True)
-                x_NCHW[rows] = operation(x_NCHW[rows], factor).clamp_(0, 1)
-    rows = _rows(augmented & (params_NK[:, GRAY] > 0), device)
-    if rows is not None:
+    rows_A = params_NK[:, AUGMENT].nonzero().squeeze(1)
+    order_A4 = params_NK[rows_A, ORDER].long()
+    order_key_A = order_A4 @ torch.tensor([64, 16, 4, 1])
+    order_key_A, by_order = order_key_A.sort(stable=True)
+    rows_A, params_AK, order_A4 = rows_A[by_order], params_NK[rows_A[by_order]], order_A4[by_order]
+    rows_on_device = rows_A.to(device, non_blocking=True)
+    y_ACHW = x_NCHW[rows_on_device]  # one copy of the augmented images, sorted by colour order
+    factors_AK = params_AK.to(device=device, dtype=x_NCHW.dtype, non_blocking=True)
+    flip_A = params_AK[:, FLIP] > 0
+    if flip_A.any():
+        flipped = flip_A.nonzero().squeeze(1).to(device, non_blocking=True)
+        y_ACHW[flipped] = y_ACHW[flipped].flip(-1)
+    _, counts = torch.unique_consecutive(order_key_A, return_counts=True)
+    for count, first in zip(counts.tolist(), torch.cumsum(counts, 0).sub(counts).tolist()):
+        group = slice(first, first + count)
+        for index in order_A4[first].tolist():
+            operation, column = operations[index]
+            y_ACHW[group] = operation(y_ACHW[group], factors_AK[group, column]).clamp_(0, 1)
+    gray_A = params_AK[:, GRAY] > 0
+    if gray_A.any():
+        grays = gray_A.nonzero().squeeze(1).to(device, non_blocking=True)
         weights = torch.tensor([0.299, 0.587, 0.114], device=device, dtype=x_NCHW.dtype).view(1, 3, 1, 1)
-        x_NCHW[rows] = (x_NCHW[rows] * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        y_ACHW[grays] = (y_ACHW[grays] * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    x_NCHW[rows_on_device] = y_ACHW
     return x_NCHW
 
 
@@ -219,17 +230,9 @@ def shift_hue(x_NCHW: Tensor, factor_N: Tensor) -> Tensor:
     r, g, b = x_NCHW.unbind(1)
     v = x_NCHW.amax(1)
     d = v - x_NCHW.amin(1)
-    is_r = r == v
-    is_g = (g == v) & ~is_r
-    is_b = ~(is_r | is_g)
-    h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / (d + (d == 0)) + 2 * is_g + 4 * is_b
+    h6 = torch.where(r == v, g - b, torch.where(g == v, (b - r).add_(d, alpha=2), (r - g).add_(d, alpha=4)))
+    h6.div_(torch.where(d == 0, torch.ones_like(d), d)).add_(6 * factor_N.view(-1, 1, 1))
     offsets = torch.tensor(_CHANNEL_OFFSETS, device=x_NCHW.device, dtype=x_NCHW.dtype).view(1, 3, 1, 1)
-    t = (h6 + 6 * factor_N.view(-1, 1, 1)).unsqueeze(1) + offsets
-    t -= 6 * torch.floor(t / 6)
-    return v.unsqueeze(1) - d.unsqueeze(1) * torch.minimum(t, 4 - t).clamp_(0, 1)
-
-
-def _rows(mask_N: Tensor, device: torch.device) -> Tensor | None:
-    if not mask_N.any():
-        return None
-    return mask_N.nonzero().squeeze(1).to(device, non_blocking=True)
+    t = h6.unsqueeze(1) + offsets
+    t.sub_(torch.floor(t / 6).mul_(6))
+    return torch.minimum(t, 4 - t).clamp_(0, 1).mul_(-d.unsqueeze(1)).add_(v.unsqueeze(1))
