@@ -163,7 +163,7 @@ def per_core_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], li
         domainbed_train, domainbed_eval = train_image_transform(OUTPUT_SIZE), eval_image_transform(OUTPUT_SIZE)
         fast_train, fast_eval = FastImageTransform(OUTPUT_SIZE, True), FastImageTransform(OUTPUT_SIZE, False)
 
-        def over_files(transform: Callable, load: Callable = lambda path: path) -> Callable[[], int]:
+        def over_files(transform: Callable, load: Callable = lambda path: path, paths=paths) -> Callable[[], int]:
             return lambda: len([transform(load(path)) for path in paths])
 
         domainbed = best_rate(over_files(domainbed_train, pil_loader), args.repeats)
@@ -224,7 +224,9 @@ def train_seconds(data_dir: Path, run_dir: Path, pipeline: str, steps: int, batc
         f"hydra.run.dir={run_dir}",
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
