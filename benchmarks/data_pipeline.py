@@ -4,7 +4,7 @@ DomainBed's; and the training images/s of ``python train.py`` end to end with a 
 
     python benchmarks/data_pipeline.py [--sizes pacs domain_net office_home terra_incognita] [--images 8]
         [--repeats 3] [--batch 96] [--device cpu|cuda] [--end-to-end pacs terra_incognita]
-        [--e2e-steps 5 15] [--e2e-batch 8] [--output FILE]
+        [--e2e-steps 15] [--e2e-batch 8] [--output FILE]
 
 - **domainbed**: ``data.pipeline=domainbed``, DomainBed's PIL path (full decode, ``RandomResizedCrop``, flip,
   ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale``, ``ToTensor``, ``Normalize``): all of it runs in
@@ -19,9 +19,10 @@ DomainBed's; and the training images/s of ``python train.py`` end to end with a 
 Per core: one process, one thread (``torch.set_num_threads(1)``; PIL is single-threaded), best of
 ``--repeats`` passes over ``--images`` files after a warm-up pass. "Workers for 3,000 images/s" is
 3,000 over the CPU side's images/s per core: the loader workers (cores) a GPU step of ResNet-50 in bf16
-needs. End to end: two runs of ``python train.py`` (``--e2e-steps`` S1 and S2 updates, the same two
-evaluations) per pipeline; training images/s = (S2 − S1) × 3 domains × ``--e2e-batch`` / (T2 − T1), with
-the app's default ``loader.num_workers`` on this machine.
+needs. End to end: one run of ``python train.py`` per pipeline (``--e2e-steps`` updates), timed by a
+callback (``training_throughput.AppStepClock``) from the start of update 3 to the start of the last one
+(evaluations left out): training images/s = steps × 3 domains × ``--e2e-batch`` / seconds, with the app's
+default ``loader.num_workers`` on this machine.
 """
 
 from __future__ import annotations
@@ -180,7 +181,10 @@ def per_core_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], li
             f"{whole / domainbed:.2f} | {domainbed_ev:.0f} | {cpu_side_ev:.0f} | {workers_db:.0f} | {workers_fast:.0f} |"
         )
         eval_mean, eval_max, aug_mean, aug_max = fidelity(paths[: min(len(paths), 4)])
-        fidelity_rows.append(f"| {LABELS[name]} | {eval_mean:.2f} | {eval_max:.1f} | {aug_mean:.2f} | {aug_max:.1f} |")
+        bits = 8 * sum(path.stat().st_size for path in paths) / (len(paths) * width * height)
+        fidelity_rows.append(
+            f"| {LABELS[name]} | {bits:.2f} | {eval_mean:.2f} | {eval_max:.1f} | {aug_mean:.2f} | {aug_max:.1f} |"
+        )
         if device.type == "cuda":
             gpu_rows.append(
                 f"| {LABELS[name]} | {device_part_rate(batch, device, args.repeats):.0f} | "
@@ -202,7 +206,9 @@ def write_pacs_layout(root: Path, width: int, height: int, images_per_class: int
     return root
 
 
-def train_seconds(data_dir: Path, run_dir: Path, pipeline: str, steps: int, batch: int, device: str) -> float:
+def train_rate(data_dir: Path, run_dir: Path, pipeline: str, steps: int, batch: int, device: str) -> float:
+    """Training images/s of one ``python train.py`` run, timed from inside (``AppStepClock``)."""
+    clock = run_dir.with_suffix(".clock")
     command = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -222,28 +228,30 @@ def train_seconds(data_dir: Path, run_dir: Path, pipeline: str, steps: int, batc
         "trainer.enable_progress_bar=false",
         f"trainer={'gpu' if device == 'cuda' else 'cpu'}",
         f"hydra.run.dir={run_dir}",
+        "+callbacks.clock._target_=training_throughput.AppStepClock",
+        f"+callbacks.clock.path={clock}",
     ]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started
+    seconds, timed_steps = clock.read_text().split()
+    return int(timed_steps) * 3 * batch / float(seconds)
 
 
 def end_to_end_rows(args: argparse.Namespace, folder: Path) -> list[str]:
     rows = []
-    first, second = args.e2e_steps
     for name in args.end_to_end:
         data_dir = write_pacs_layout(folder / f"e2e_{name}", *SIZES[name], images_per_class=2)
-        rates = {}
-        for pipeline in ("domainbed", "fast"):
-            times = [
-                train_seconds(
-                    data_dir, folder / f"run_{name}_{pipeline}_{steps}", pipeline, steps, args.e2e_batch, args.device
-                )
-                for steps in (first, second)
-            ]
-            rates[pipeline] = (second - first) * 3 * args.e2e_batch / max(times[1] - times[0], 1e-9)
+        rates = {
+            pipeline: train_rate(
+                data_dir, folder / f"run_{name}_{pipeline}", pipeline, args.e2e_steps, args.e2e_batch, args.device
+            )
+            for pipeline in ("domainbed", "fast")
+        }
         rows.append(
             f"| {LABELS[name]} | {rates['domainbed']:.0f} | {rates['fast']:.0f} | {rates['fast'] / rates['domainbed']:.2f} |"
         )
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch", type=int, default=96, help="the device part's batch (3 domains × 32)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--end-to-end", nargs="*", choices=list(SIZES), default=["pacs", "terra_incognita"])
-    parser.add_argument("--e2e-steps", nargs=2, type=int, default=[5, 15])
+    parser.add_argument("--e2e-steps", type=int, default=15, help="updates per end-to-end run (timed: 4 to the last)")
     parser.add_argument("--e2e-batch", type=int, default=8)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -290,8 +298,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         "Pixel difference fast − DomainBed, in 1/255 of the [0, 1] image (evaluation; augmented with the same draws):",
         "",
-        "| images | evaluation mean | evaluation max | augmented mean | augmented max |",
-        "| --- | --- | --- | --- | --- |",
+        "| images | JPEG bits/pixel | evaluation mean | evaluation max | augmented mean | augmented max |",
+        "| --- | --- | --- | --- | --- | --- |",
         *fidelity_rows,
     ]
     if gpu_rows:

@@ -54,6 +54,23 @@ class StepClock(pl.Callback):
         self.ended = self._now(pl_module)
 
 
+class AppStepClock(pl.Callback):
+    """For ``python train.py +callbacks.clock._target_=training_throughput.AppStepClock +callbacks.clock.path=F``:
+    writes to ``path`` the seconds from the start of step ``warmup`` to the start of the last step, and the
+    number of steps between (the evaluations, which run at the end of a step, left out)."""
+
+    def __init__(self, path: str, warmup: int = 3) -> None:
+        self.path, self.warmup, self.started = path, warmup, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+        if trainer.global_step == trainer.max_steps - 1:
+            Path(self.path).write_text(f"{time.perf_counter() - self.started} {trainer.global_step - self.warmup}")
+
+
 class InMemory(Dataset):
     """The same normalised batch at every step, from host memory."""
 

@@ -222,10 +222,12 @@ def test_the_device_part_on_the_gpu_equals_it_on_the_cpu():
 # -- batches: the seed and the step decide them, not the workers ------------------------------------------
 
 
-def fast_pacs_module(data_dir, num_workers=0, first_step=0):
+def fast_pacs_module(data_dir, num_workers=0, first_step=0, training_device=None):
     data = load_domains("PACS", data_dir, image_size=24, pipeline="fast")
     module = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=4, steps=3, num_workers=num_workers)
     module.trainer = SimpleNamespace(global_step=first_step, global_rank=0, world_size=1, num_devices=1)
+    if training_device is not None:
+        module.trainer.strategy = SimpleNamespace(root_device=torch.device(training_device))
     return module
 
 
@@ -244,6 +246,12 @@ def test_training_batches_are_the_same_whatever_the_workers_and_after_a_resume(t
     assert all(torch.equal(a, b) for a, b in zip(resumed[0], in_process[2]))
     x, _, domain = in_process[0]
     assert x.dtype == torch.float32 and x.shape == (12, 3, 24, 24) and domain.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # A CPU-only run finishes each sample in the workers (in parallel, as DomainBed): the same tensors.
+    cpu_run = fast_pacs_module(data_dir, num_workers=2, training_device="cpu")
+    assert cpu_run.finishes_in_workers
+    batches = [next(iter(cpu_run.train_dataloader()))]
+    assert not isinstance(batches[0][0], UInt8Images)  # already finished: the batch hook has nothing to do
+    torch.testing.assert_close(cpu_run.on_after_batch_transfer(batches[0], 0)[0], in_process[0][0], atol=1e-5, rtol=0)
 
 
 def test_each_sample_of_a_training_batch_has_its_own_parameters(tmp_path):

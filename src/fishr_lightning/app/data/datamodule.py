@@ -158,6 +158,19 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
         )
 
 
+class FinishedInWorker:
+    """A fast-pipeline item transform followed by its device part on this one sample (``UInt8Images`` →
+    normalised float tensor): the device part where the device is the CPU (``finishes_in_workers``)."""
+
+    def __init__(self, transform: Callable, batch_transform: Callable) -> None:
+        self.transform = transform
+        self.batch_transform = batch_transform
+
+    def __call__(self, item: Any) -> Tensor:
+        images = self.transform(item)
+        return self.batch_transform(UInt8Images(images.pixels[None], images.params[None]))[0]
+
+
 class SeededSamples(Dataset):
     """``dataset``'s items by ``(step, slot, index)`` keys (``DomainBatchSampler(keyed=True)``), each
     transformed under torch's global RNG seeded by ``(seed, step, slot)``: the training augmentation is a
@@ -298,10 +311,29 @@ class DomainBedDataModule(pl.LightningDataModule):
         """DomainBed's: the smallest in split (test domains included) over the batch size."""
         return min(len(in_indices) for in_indices, _ in self.splits) / self.batch_size
 
+    @property
+    def finishes_in_workers(self) -> bool:
+        """The fast pipeline on a CPU-only run: its device part runs per sample in the loader workers, in
+        parallel as DomainBed's augmentation does, not in the training process between steps (the same
+        operations and parameters, so the same tensors)."""
+        trainer = self.trainer
+        return (
+            self.data.batch_transform is not None
+            and trainer is not None
+            and getattr(getattr(trainer, "strategy", None), "root_device", None) is not None
+            and trainer.strategy.root_device.type == "cpu"
+        )
+
+    def item_transform(self, transform: Callable | None) -> Callable | None:
+        if transform is not None and self.finishes_in_workers:
+            return FinishedInWorker(transform, self.data.batch_transform)
+        return transform
+
     def train_dataset(self) -> ConcatDataset:
+        transform = self.item_transform(self.data.train_transform)
         return ConcatDataset(
             [
-                DomainSplit(self.data.domains[env], self.splits[env][0], self.data.train_transform, domain_id)
+                DomainSplit(self.data.domains[env], self.splits[env][0], transform, domain_id)
                 for domain_id, env in enumerate(self.train_envs)
             ]
         )
@@ -341,7 +373,7 @@ class DomainBedDataModule(pl.LightningDataModule):
                     DomainSplit(
                         domain,
                         self.splits[env][split_index],
-                        self.data.train_transform if augmented else self.data.eval_transform,
+                        self.item_transform(self.data.train_transform if augmented else self.data.eval_transform),
                         seed=self.seed if augmented else None,
                         name=f"env{env}_{split}",
                     )
