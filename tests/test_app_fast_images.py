@@ -29,11 +29,16 @@ from fishr_lightning.app.data.fast_images import (
     ORDER,
     SATURATION,
     DeviceAugmentation,
+    DeviceJpeg,
     FastImageTransform,
+    MixedImages,
     UInt8Images,
     augment_batch,
+    collate_images,
     dct_scale,
+    decodes_on_device,
     draw_augmentation,
+    open_image,
     shift_hue,
 )
 from fishr_lightning.app.data.image_folders import (
@@ -272,3 +277,66 @@ def test_the_default_number_of_workers_follows_the_cores_this_process_may_use(mo
 def test_an_unknown_pipeline_is_refused_with_the_choices(tmp_path):
     with pytest.raises(AppError, match="data.pipeline=pil: choose fast .* or domainbed"):
         load_domains("PACS", write_pacs(tmp_path, images_per_class=1), pipeline="pil")
+
+
+# -- data.decode=device: JPEGs decoded by the training device (nvjpeg on a GPU; libjpeg-turbo on the CPU here) --
+
+
+def test_which_files_the_device_decodes(tmp_path):
+    """Baseline RGB and greyscale JPEGs go to the device; CMYK, progressive JPEGs and PNGs stay on the workers."""
+    decided = {
+        kind: decodes_on_device(open_image(write_image_of_kind(tmp_path / kind, kind, 64, 48))) for kind in IMAGE_KINDS
+    }
+    assert decided == {"rgb": True, "greyscale": True, "cmyk": False, "png": False, "exif_rotated": True}
+    progressive = tmp_path / "progressive.jpg"
+    pil_loader(write_image_of_kind(tmp_path / "p", "rgb", 64, 48)).save(progressive, progressive=True)
+    assert not decodes_on_device(open_image(progressive))
+
+
+def device_decoded_batch(paths, augment, device="cpu", seed=0):
+    """The workers' items (``decode_on_device``), collated, through the device part on ``device``."""
+    torch.manual_seed(seed)
+    items = [(FastImageTransform(224, augment, decode_on_device=True)(path), torch.tensor(0)) for path in paths]
+    images, _ = collate_images(items)
+    assert isinstance(images, MixedImages)
+    on_device = images._replace(
+        **{name: getattr(images, name).to(device) for name in ("pixels", "pixel_rows", "jpeg_rows", "boxes", "params")}
+    )
+    return DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD, output_size=224)(on_device)
+
+
+def test_a_batch_decoded_on_the_device_equals_domainbeds_within_2_of_255_whatever_the_files(tmp_path):
+    paths = [write_image_of_kind(tmp_path / kind, kind, 640, 480, seed=i) for i, kind in enumerate(IMAGE_KINDS)]
+    items = [FastImageTransform(224, False, decode_on_device=True)(path) for path in paths]
+    assert [isinstance(item, DeviceJpeg) for item in items] == [True, True, False, False, True]  # a mixed batch
+    x = device_decoded_batch(paths, augment=False)
+    for path, x_CHW in zip(paths, x):
+        difference = pixel_difference(x_CHW, eval_image_transform(224)(pil_loader(path)))
+        assert difference.mean() <= 2.0, (path.name, float(difference.mean()))
+    # Augmented: the same draws as the workers' decoding, so the same crops, flips and colours.
+    augmented = device_decoded_batch(paths, augment=True, seed=3)
+    torch.manual_seed(3)
+    on_workers = [fast_path(path, 224, augment=True) for path in paths]
+    for a, b in zip(augmented, on_workers):
+        assert pixel_difference(a, b).mean() <= 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: nvjpeg decoding (data.decode=device)")
+def test_nvjpeg_decoding_on_the_gpu_equals_decoding_on_the_cpu(tmp_path):
+    paths = [write_image_of_kind(tmp_path / kind, kind, 640, 480, seed=i) for i, kind in enumerate(IMAGE_KINDS)]
+    for augment in (False, True):
+        on_gpu = device_decoded_batch(paths, augment, device="cuda")
+        on_cpu = device_decoded_batch(paths, augment, device="cpu")
+        assert pixel_difference(on_gpu.cpu(), on_cpu).mean() <= 1.0
+
+
+def test_decoding_on_the_device_needs_the_fast_pipeline_and_a_known_decoder(tmp_path):
+    data_dir = write_pacs(tmp_path, images_per_class=1)
+    with pytest.raises(AppError, match="data.decode=device needs data.pipeline=fast"):
+        load_domains("PACS", data_dir, pipeline="domainbed", decode="device")
+    with pytest.raises(AppError, match="data.decode=gpu: choose cpu .* or device"):
+        load_domains("PACS", data_dir, decode="gpu")
+    data = load_domains("PACS", data_dir, image_size=24, decode="device")
+    module = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=1)
+    x, y, domain = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.float32

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.data.fast_images import UInt8Images
+from fishr_lightning.app.data.fast_images import FastImageTransform, MixedImages, UInt8Images, collate_images
 from fishr_lightning.app.data.specs import MultiDomainData
 from fishr_lightning.app.seeding import seed_hash
 
@@ -299,6 +299,7 @@ class DomainBedDataModule(pl.LightningDataModule):
             "num_workers": num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers and num_workers > 0,
+            "collate_fn": collate_images,  # default_collate, but for JPEGs left to the device (data.decode=device)
         }
 
     @property
@@ -326,6 +327,8 @@ class DomainBedDataModule(pl.LightningDataModule):
 
     def item_transform(self, transform: Callable | None) -> Callable | None:
         if transform is not None and self.finishes_in_workers:
+            if isinstance(transform, FastImageTransform) and transform.decode_on_device:  # the device is the CPU
+                transform = FastImageTransform(transform.output_size, transform.augment, decode_on_device=False)
             return FinishedInWorker(transform, self.data.batch_transform)
         return transform
 
@@ -359,7 +362,7 @@ class DomainBedDataModule(pl.LightningDataModule):
         """The fast pipeline's device part: ``(UInt8Images, y, group)`` → ``(x, y, group)``, ``x`` normalised
         float32 (``data.batch_transform``); any other batch unchanged."""
         if self.data.batch_transform is not None and isinstance(batch, (tuple, list)) and batch:
-            if isinstance(batch[0], UInt8Images):
+            if isinstance(batch[0], (UInt8Images, MixedImages)):
                 return (self.data.batch_transform(batch[0]), *batch[1:])
         return batch
 

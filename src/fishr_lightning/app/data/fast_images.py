@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import default_collate
 from torchvision import transforms
 
 # DomainBed's training augmentation (domainbed/datasets.py), the parameters of the fast path's draws.
@@ -113,19 +115,24 @@ def to_uint8_chw(image: Image.Image) -> Tensor:
 
 
 class FastImageTransform:
-    """The workers' part of the fast path: an image file's path → ``UInt8Images`` at ``output_size²``.
+    """The workers' part of the fast path: an image file's path → ``UInt8Images`` at ``output_size²``, or,
+    with ``decode_on_device`` and a file that ``decodes_on_device`` accepts, ``DeviceJpeg``: the file's bytes,
+    crop box and parameters, for the training device to decode (nvjpeg), crop and resize.
 
     Args:
         output_size: the square side of the output (DomainBed: 224).
         augment: draw DomainBed's training augmentation (from torch's global RNG, which the datamodule
             seeds per sample); False: evaluation's ``Resize((size, size))`` only.
+        decode_on_device: leave baseline RGB and greyscale JPEGs to the device (``data.decode=device``);
+            other files (PNG, CMYK, progressive JPEGs) are still decoded here.
     """
 
-    def __init__(self, output_size: int, augment: bool) -> None:
+    def __init__(self, output_size: int, augment: bool, decode_on_device: bool = False) -> None:
         self.output_size = output_size
         self.augment = augment
+        self.decode_on_device = decode_on_device
 
-    def __call__(self, path: str | os.PathLike) -> UInt8Images:
+    def __call__(self, path: str | os.PathLike) -> UInt8Images | DeviceJpeg:
         image = open_image(path)
         width, height = image.size
         if self.augment:
@@ -133,11 +140,91 @@ class FastImageTransform:
             box = (left, top, left + crop_width, top + crop_height)
         else:
             box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
+        if self.decode_on_device and decodes_on_device(image):
+            image.close()
+            return DeviceJpeg(Path(path).read_bytes(), torch.tensor(box, dtype=torch.float32), params)
         pixels = to_uint8_chw(reduced_resized_crop(image, box, self.output_size))
         return UInt8Images(pixels, params)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment})"
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment}, "
+            f"decode_on_device={self.decode_on_device})"
+        )
+
+
+# -- decoding on the training device (data.decode=device) ----------------------------------------------
+
+
+class DeviceJpeg(NamedTuple):
+    """A JPEG left to the device: the file's ``data`` (``bytes``, which Lightning's transfer leaves on the
+    host, where ``decode_jpeg`` reads it), its crop ``box`` (left, top, right, bottom; float32 ``[4]``,
+    original coordinates) and the sample's ``params``."""
+
+    data: bytes
+    box: Tensor
+    params: Tensor
+
+
+class MixedImages(NamedTuple):
+    """A batch with ``DeviceJpeg`` samples (``collate_images``): the ``pixels`` of the samples the workers
+    decoded (rows ``pixel_rows`` of the batch), the ``jpegs`` and ``boxes`` of the others (rows
+    ``jpeg_rows``), every sample's ``params``."""
+
+    pixels: Tensor
+    pixel_rows: Tensor
+    jpegs: list[bytes]
+    jpeg_rows: Tensor
+    boxes: Tensor
+    params: Tensor
+
+
+def decodes_on_device(image: Image.Image) -> bool:
+    """Whether a file (opened lazily) goes to the device's decoder: a baseline (not progressive) JPEG in RGB
+    (YCbCr) or greyscale. nvjpeg decodes neither CMYK nor, in its batched hardware path, progressive
+    files; PNGs are no JPEGs: those stay on the workers."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
+
+
+def collate_images(samples: list[tuple[Any, ...]]) -> Any:
+    """The loaders' ``collate_fn``: ``default_collate``, except for samples whose first element is a
+    ``DeviceJpeg`` somewhere in the batch: then that element becomes one ``MixedImages``."""
+    if not any(isinstance(sample[0], DeviceJpeg) for sample in samples):
+        return default_collate(samples)
+    jpeg_rows = [row for row, sample in enumerate(samples) if isinstance(sample[0], DeviceJpeg)]
+    pixel_rows = [row for row, sample in enumerate(samples) if not isinstance(sample[0], DeviceJpeg)]
+    pixels = [samples[row][0].pixels for row in pixel_rows]
+    images = MixedImages(
+        pixels=torch.stack(pixels) if pixels else torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+        pixel_rows=torch.tensor(pixel_rows, dtype=torch.long),
+        jpegs=[samples[row][0].data for row in jpeg_rows],
+        jpeg_rows=torch.tensor(jpeg_rows, dtype=torch.long),
+        boxes=torch.stack([samples[row][0].box for row in jpeg_rows]),
+        params=torch.stack([sample[0].params for sample in samples]),
+    )
+    return [images, *default_collate([sample[1:] for sample in samples])]
+
+
+def decode_on_device(images: MixedImages, output_size: int, device: torch.device) -> UInt8Images:
+    """``MixedImages`` → ``UInt8Images`` on ``device``: the JPEGs decoded there (``torchvision.io.decode_jpeg``:
+    nvjpeg on a GPU, libjpeg-turbo on the CPU; no EXIF orientation, as DomainBed's loader), each cropped and
+    resized to ``output_size²`` (bilinear, antialiased as PIL's), the workers' pixels put in their rows."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in images.jpegs]
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    size = [output_size, output_size]
+    crops = []
+    for image, (left, top, right, bottom) in zip(decoded, images.boxes.tolist()):
+        top, left, height, width = int(top), int(left), int(bottom - top), int(right - left)
+        crops.append(F.resized_crop(image, top, left, height, width, size, antialias=True))
+    count = len(images.params)
+    pixels = torch.empty(count, 3, output_size, output_size, dtype=torch.uint8, device=device)
+    pixels[images.jpeg_rows.to(device)] = torch.stack(crops)
+    if len(images.pixel_rows):
+        pixels[images.pixel_rows.to(device)] = images.pixels.to(device, non_blocking=True)
+    return UInt8Images(pixels, images.params.to(device))
 
 
 class DeviceAugmentation:
@@ -146,13 +233,17 @@ class DeviceAugmentation:
 
     Args:
         mean, std: the normalisation's, per channel (ImageNet's for DomainBed's backbones).
+        output_size: the images' side, for the JPEGs it decodes itself (``MixedImages``, ``data.decode=device``).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], output_size: int = 224) -> None:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.output_size = output_size
 
-    def __call__(self, images: UInt8Images) -> Tensor:
+    def __call__(self, images: UInt8Images | MixedImages) -> Tensor:
+        if isinstance(images, MixedImages):
+            images = decode_on_device(images, self.output_size, images.params.device)
         x_NCHW = images.pixels.float().div_(255)  # ToTensor
         params_NK = images.params.detach().cpu()  # which samples go where: a few hundred numbers, one copy
         if params_NK[:, AUGMENT].any():
@@ -162,7 +253,7 @@ class DeviceAugmentation:
         return x_NCHW.sub_(mean).div_(std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std}, output_size={self.output_size})"
 
 
 def augment_batch(x_NCHW: Tensor, params_NK: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTr
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
 
 PIPELINES = ("fast", "domainbed")
+DECODERS = ("cpu", "device")
 
 # DomainBed does the same: a few images in TerraIncognita and DomainNet are truncated JPEGs.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -69,6 +70,19 @@ def check_pipeline(pipeline: str) -> str:
     return pipeline
 
 
+def check_decode(decode: str, pipeline: str) -> str:
+    if decode not in DECODERS:
+        raise AppError(
+            f"data.decode={decode}: choose cpu (the loader workers decode every image; the default) or device "
+            "(the training device decodes baseline JPEGs: nvjpeg on a GPU)."
+        )
+    if decode == "device" and pipeline != "fast":
+        raise AppError(
+            f"data.decode=device needs data.pipeline=fast (it is {pipeline}): DomainBed's PIL path decodes on the CPU."
+        )
+    return decode
+
+
 def set_image_transforms(
     data: MultiDomainData,
     image_size: int,
@@ -78,9 +92,12 @@ def set_image_transforms(
 ) -> None:
     """``data``'s transforms for its pipeline (``data.pipeline``) at ``image_size``, ``mean`` and ``std``."""
     if data.pipeline == "fast":
-        data.eval_transform = FastImageTransform(image_size, augment=False)
-        data.train_transform = FastImageTransform(image_size, augment=True) if augment else data.eval_transform
-        data.batch_transform = DeviceAugmentation(mean, std)
+        on_device = data.decode == "device"
+        data.eval_transform = FastImageTransform(image_size, augment=False, decode_on_device=on_device)
+        data.train_transform = (
+            FastImageTransform(image_size, augment=True, decode_on_device=on_device) if augment else data.eval_transform
+        )
+        data.batch_transform = DeviceAugmentation(mean, std, output_size=image_size)
     else:
         data.eval_transform = eval_image_transform(image_size, mean, std)
         data.train_transform = train_image_transform(image_size, mean, std) if augment else data.eval_transform
@@ -103,9 +120,10 @@ def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: boo
 
 
 def load_image_folder_domains(
-    spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool, pipeline: str = "fast"
+    spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool, pipeline: str = "fast", decode: str = "cpu"
 ) -> MultiDomainData:
     check_pipeline(pipeline)
+    check_decode(decode, pipeline)
     root = data_dir / spec.folder
     if not root.is_dir():
         raise data_error(spec, data_dir, f"There is no directory {root}.")
@@ -145,6 +163,6 @@ def load_image_folder_domains(
     data = MultiDomainData(
         spec=spec, domains=domains, input_shape=(3, image_size, image_size), class_names=reference_classes
     )
-    data.pipeline = pipeline
+    data.pipeline, data.decode = pipeline, decode
     set_image_transforms(data, image_size, augment)
     return data

@@ -98,7 +98,8 @@ class MultiDomainData:
     """One dataset per domain, and how to turn its items into tensors for training and evaluation:
     ``train_transform``/``eval_transform`` per item (in the loader workers), then ``batch_transform``, when
     set, per batch on the training device (the fast image pipeline's second half). ``pipeline`` says which
-    image pipeline built them (``fast``, ``domainbed``; ``tensors`` for datasets held as tensors)."""
+    image pipeline built them (``fast``, ``domainbed``; ``tensors`` for datasets held as tensors), ``decode``
+    where the fast pipeline decodes JPEGs (``cpu``: the loader workers; ``device``: the training device)."""
 
     spec: DatasetSpec
     domains: list[Dataset]
@@ -108,6 +109,7 @@ class MultiDomainData:
     class_names: list[str] = field(default_factory=list)
     batch_transform: Callable[[Any], Tensor] | None = None
     pipeline: str = "tensors"
+    decode: str = "cpu"
 
 
 def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:

@@ -30,7 +30,7 @@ from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
-from fishr_lightning.app.data.image_folders import check_pipeline, use_input_config
+from fishr_lightning.app.data.image_folders import check_decode, check_pipeline, use_input_config
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
@@ -127,8 +127,11 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
     }
 
 
-def data_pipeline(cfg: DictConfig) -> str:
-    return check_pipeline(cfg.get("data", {}).get("pipeline", "fast"))
+def data_options(cfg: DictConfig) -> tuple[str, str]:
+    """``(data.pipeline, data.decode)``, checked."""
+    data = cfg.get("data") or {}
+    pipeline = check_pipeline(data.get("pipeline", "fast"))
+    return pipeline, check_decode(data.get("decode", "cpu"), pipeline)
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
@@ -145,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         OmegaConf.to_container(cfg.test_envs) if OmegaConf.is_list(cfg.test_envs) else cfg.test_envs, spec
     )
     check_run_options(cfg)
-    pipeline = data_pipeline(cfg)
+    pipeline, decode = data_options(cfg)
     hparams = resolve_hparams(cfg)
     if not is_positive_int(hparams["batch_size"]):
         raise AppError(f"batch_size={hparams['batch_size']}: it is the number of samples per training domain and step.")
@@ -166,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         seed=cfg.trial_seed,
         samples_per_domain=cfg.dataset.get("samples_per_domain"),
         pipeline=pipeline,
+        decode=decode,
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
@@ -221,6 +225,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     check_batch_divides(hparams["batch_size"], trainer.world_size)
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
     evaluation.writer.args["data_pipeline"] = data.pipeline  # fast, domainbed, or tensors (MNIST, synthetic)
+    if data.pipeline == "fast":
+        evaluation.writer.args["data_decode"] = data.decode
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = str(run_dir / RESUME_CHECKPOINT) if (run_dir / RESUME_CHECKPOINT).is_file() else None
