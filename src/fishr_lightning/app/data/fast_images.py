@@ -296,7 +296,8 @@ def augment_batch(x_NCHW: Tensor, params_NK: Tensor) -> Tensor:
         group = slice(first, first + count)
         for index in order_A4[first].tolist():
             operation, column = operations[index]
-            y_ACHW[group] = operation(y_ACHW[group], factors_AK[group, column]).clamp_(0, 1)
+            # kornia's three blends clamp to [0, 1] (torchvision's float semantics); a hue shift stays inside.
+            y_ACHW[group] = operation(y_ACHW[group], factors_AK[group, column])
     gray_A = params_AK[:, GRAY] > 0
     if gray_A.any():
         grays = gray_A.nonzero().squeeze(1).to(device, non_blocking=True)
