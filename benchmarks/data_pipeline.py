@@ -4,7 +4,7 @@ DomainBed's; and the training images/s of ``python train.py`` end to end with a 
 
     python benchmarks/data_pipeline.py [--sizes pacs domain_net office_home terra_incognita] [--images 8]
         [--repeats 3] [--batch 96] [--device cpu|cuda] [--end-to-end pacs terra_incognita]
-        [--e2e-steps 15] [--e2e-batch 8] [--output FILE]
+        [--e2e-steps 15] [--e2e-batch 8] [--e2e-repeats 2] [--output FILE]
 
 - **domainbed**: ``data.pipeline=domainbed``, DomainBed's PIL path (full decode, ``RandomResizedCrop``, flip,
   ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale``, ``ToTensor``, ``Normalize``): all of it runs in
@@ -267,12 +267,12 @@ def end_to_end_rows(args: argparse.Namespace, folder: Path) -> list[str]:
     rows = []
     for name in args.end_to_end:
         data_dir = write_pacs_layout(folder / f"e2e_{name}", *SIZES[name], images_per_class=2)
-        rates = {
-            pipeline: train_rate(
-                data_dir, folder / f"run_{name}_{pipeline}", pipeline, args.e2e_steps, args.e2e_batch, args.device
-            )
-            for pipeline in ("domainbed", "fast")
-        }
+        rates = dict.fromkeys(("domainbed", "fast"), 0.0)
+        for repeat in range(args.e2e_repeats):  # taking turns, the best of each (a shared machine's load moves)
+            for pipeline in rates:
+                run_dir = folder / f"run_{name}_{pipeline}_{repeat}"
+                rate = train_rate(data_dir, run_dir, pipeline, args.e2e_steps, args.e2e_batch, args.device)
+                rates[pipeline] = max(rates[pipeline], rate)
         rows.append(
             f"| {LABELS[name]} | {rates['domainbed']:.0f} | {rates['fast']:.0f} | {rates['fast'] / rates['domainbed']:.2f} |"
         )
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--end-to-end", nargs="*", choices=list(SIZES), default=["pacs", "terra_incognita"])
     parser.add_argument("--e2e-steps", type=int, default=15, help="updates per end-to-end run (timed: 4 to the last)")
     parser.add_argument("--e2e-batch", type=int, default=8)
+    parser.add_argument("--e2e-repeats", type=int, default=2, help="runs per pipeline, taking turns; the best")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
