@@ -143,3 +143,43 @@ class SignalAfter(Callback):
         except FileExistsError:
             return
         os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+# -- photo-like images of every kind the image-folder datasets hold (issue 20's fidelity tests) ------
+
+IMAGE_KINDS = ("rgb", "greyscale", "cmyk", "png", "exif_rotated")
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """``[height, width, 3]`` uint8: smooth colour regions (a bicubic upsampling of a coarse random grid),
+    a few sharp edges and mild sensor-like noise: what JPEG photographs look like to a resize filter."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(max(height // 48, 2), max(width // 48, 2), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
+    smooth[: height // 3, width // 2 :] = 0.5 * smooth[: height // 3, width // 2 :] + 100  # a sharp rectangle
+    return np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def write_image_of_kind(path: Path, kind: str, width: int, height: int, seed: int = 0) -> Path:
+    """A photo-like image as the datasets hold them: ``rgb``, ``greyscale`` or ``cmyk`` JPEG (DomainNet,
+    TerraIncognita), ``png`` (OfficeHome), or ``exif_rotated``: a JPEG whose EXIF says "rotate 90°"
+    (orientation 6), which DomainBed's loader ignores. Returns the path (suffix ``.jpg`` or ``.png``)."""
+    from PIL import Image
+
+    image = Image.fromarray(photo_like(width, height, seed))
+    path = Path(path).with_suffix(".png" if kind == "png" else ".jpg")
+    if kind == "png":
+        image.save(path)
+    elif kind == "greyscale":
+        image.convert("L").save(path, quality=90)
+    elif kind == "cmyk":
+        image.convert("CMYK").save(path, quality=90)
+    elif kind == "exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+        image.save(path, quality=90, exif=exif)
+    else:
+        image.save(path, quality=90)
+    return path

@@ -13,6 +13,7 @@ from data_factories import write_pacs
 from test_app_train import records, run_app
 from torch.utils.data import DataLoader
 
+from fishr_lightning.app.data.fast_images import FastImageTransform
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV, BrokenImageError, ImageReader, open_image
 
 PACS_RUN = [
@@ -112,3 +113,27 @@ def test_skip_broken_images_leaves_them_out_with_one_warning_and_counts_them(mon
     skipped = [str(w.message) for w in caught if "skip_broken_images" in str(w.message)]
     assert skipped == [f"data.skip_broken_images=true: 1 unreadable image(s) left out of the run: {broken}."]
     assert records(tmp_path / "run")[-1]["args"]["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_fast_pipeline_reads_files_by_the_same_rules(monkeypatch, tmp_path, augment):
+    # data.pipeline=fast decodes in its transform, at a reduced scale: through the dataset's reader, so
+    # that a broken file is named and a truncated one completed (once, also when the draft decode retries).
+    monkeypatch.delenv(TRUNCATED_IMAGES_ENV, raising=False)
+    data_dir = write_pacs(tmp_path / "data", images_per_class=1, size=96)
+    truncated = cut(data_dir / "PACS" / "photo" / "dog" / "0.jpg", keep=0.7)
+    garbage = data_dir / "PACS" / "photo" / "horse" / "0.jpg"
+    garbage.write_bytes(b"\xff\xd8 half-copied")
+    transform = FastImageTransform(24, augment=augment, reader=ImageReader(data_dir / "PACS", hint="HINT"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = transform(str(truncated))
+    assert images.pixels.shape == (3, 24, 24)
+    assert [str(w.message) for w in caught if "Truncated" in str(w.message)] == [
+        f"Truncated image file(s), loaded as DomainBed loads them (PIL's LOAD_TRUNCATED_IMAGES: the missing part "
+        f"is grey): {truncated}."
+    ]
+    with pytest.raises(BrokenImageError) as error:
+        transform(str(garbage))
+    assert str(error.value).startswith(f"The image {garbage} cannot be read (UnidentifiedImageError: ")
+    assert f"the dataset in {data_dir / 'PACS'}" in str(error.value) and "(HINT)" in str(error.value)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, ImageFile
 
@@ -30,6 +31,7 @@ from fishr_lightning.app import AppError
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 _WARNED_TRUNCATED: set[str] = set()
+T = TypeVar("T")
 # A directory shared by the processes of one run (inherited by DataLoader workers however they start).
 TRUNCATED_IMAGES_ENV = "FISHR_TRUNCATED_IMAGES_DIR"
 
@@ -47,22 +49,32 @@ def broken_image_message(path: str | os.PathLike, dataset_folder: str | os.PathL
     )
 
 
-def decode_image(path: str | os.PathLike) -> tuple[Image.Image, bool]:
-    """``(RGB image, truncated)``: the whole file decoded; ``truncated`` when PIL had to complete it."""
+def decode_checking_truncation(path: str | os.PathLike, decode: Callable[[str | os.PathLike], T]) -> tuple[T, bool]:
+    """``(decode(path), truncated)``: ``decode`` run as DomainBed runs it (truncated JPEGs completed), and
+    whether the file was truncated: a first attempt refuses truncation, a second, only for a truncated
+    file, accepts it. ``decode`` must read the file itself (a failed decode cannot be resumed)."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB"), False
+            return decode(path), False
         except OSError as error:
             if "truncated" not in str(error).lower():
                 raise
         ImageFile.LOAD_TRUNCATED_IMAGES = True
-        with Image.open(path) as image:
-            return image.convert("RGB"), True
+        return decode(path), True
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike) -> tuple[Image.Image, bool]:
+    """``(RGB image, truncated)``: the whole file decoded; ``truncated`` when PIL had to complete it."""
+    return decode_checking_truncation(path, decode_rgb)
 
 
 def first_to_warn(path: str) -> bool:
@@ -97,17 +109,28 @@ def warn_truncated(paths: Sequence[str]) -> None:
     )
 
 
-def open_image(path: str | os.PathLike, dataset_folder: str | os.PathLike = "", hint: str = "") -> Image.Image:
-    """The RGB image in ``path``, or ``BrokenImageError`` naming it and ``dataset_folder``; ``hint``
-    says how to download the dataset again (e.g. ``fishr-download pacs --data-dir /data``)."""
+def read_image_file(
+    path: str | os.PathLike,
+    decode: Callable[[str | os.PathLike], T] = decode_rgb,
+    dataset_folder: str | os.PathLike = "",
+    hint: str = "",
+) -> T:
+    """``decode(path)`` (default: the RGB image) under DomainBed's truncated-image rule, or
+    ``BrokenImageError`` naming the file and ``dataset_folder``; ``hint`` says how to download the dataset
+    again (e.g. ``fishr-download pacs --data-dir /data``). A truncated file is warned about once."""
     try:
-        image, truncated = decode_image(path)
+        result, truncated = decode_checking_truncation(path, decode)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         reason = f"{type(error).__name__}: {error}"
         raise BrokenImageError(broken_image_message(path, dataset_folder or Path(path).parent, reason, hint)) from None
     if truncated:
         warn_truncated([str(path)])
-    return image
+    return result
+
+
+def open_image(path: str | os.PathLike, dataset_folder: str | os.PathLike = "", hint: str = "") -> Image.Image:
+    """The RGB image in ``path``, or ``BrokenImageError`` naming it and ``dataset_folder``."""
+    return read_image_file(path, decode_rgb, dataset_folder, hint)
 
 
 class ImageReader:
@@ -120,6 +143,10 @@ class ImageReader:
 
     def __call__(self, path: str) -> Image.Image:
         return open_image(path, self.dataset_folder, self.hint)
+
+    def read(self, path: str | os.PathLike, decode: Callable[[str | os.PathLike], T]) -> T:
+        """``decode(path)`` with this folder's broken-file errors (the fast pipeline's reduced decode)."""
+        return read_image_file(path, decode, self.dataset_folder, self.hint)
 
 
 def scan_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:

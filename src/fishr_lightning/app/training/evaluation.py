@@ -57,6 +57,8 @@ def per_split_sums(
     try:
         with torch.inference_mode():
             for batch in loader:
+                # Through the batch hooks, as training batches: the fast image pipeline finishes its
+                # images on the device there (DomainBedDataModule.on_after_batch_transfer).
                 x, y_N, split_N = trainer.strategy.batch_to_device(precision.convert_input(batch), dataloader_idx=0)
                 with precision.forward_context():
                     logits = pl_module(x)

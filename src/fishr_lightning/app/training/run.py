@@ -35,7 +35,7 @@ from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
-from fishr_lightning.app.data.image_folders import use_input_config
+from fishr_lightning.app.data.image_folders import check_decode, check_pipeline, use_input_config
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
@@ -144,6 +144,13 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
     }
 
 
+def data_options(cfg: DictConfig) -> tuple[str, str]:
+    """``(data.pipeline, data.decode)``, checked."""
+    data = cfg.get("data") or {}
+    pipeline = check_pipeline(data.get("pipeline", "fast"))
+    return pipeline, check_decode(data.get("decode", "cpu"), pipeline)
+
+
 def train(cfg: DictConfig) -> dict[str, Any] | None:
     """One run; returns its last record, or ``None`` when the run directory says ``done``."""
     run_dir = run_directory(cfg)
@@ -156,6 +163,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.ckpt_path = check_ckpt_path_option(cfg.ckpt_path)
         if cfg.seed == DOMAINBED_SEED:  # the domainbed* sweep presets: DomainBed's sweep.py seed (issue 19)
             cfg.seed = domainbed_sweep_seed(spec.name, cfg.algorithm.name, test_envs, cfg.hparams_seed, cfg.trial_seed)
+    pipeline, decode = data_options(cfg)
     hparams = resolve_hparams(cfg)
     if not is_positive_int(hparams["batch_size"]):
         raise AppError(f"batch_size={hparams['batch_size']}: it is the number of samples per training domain and step.")
@@ -184,6 +192,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         seed=cfg.seed,  # DomainBed builds Colored/Rotated MNIST after seeding its global RNG with args.seed
         samples_per_domain=cfg.dataset.get("samples_per_domain"),
         skip_broken_images=cfg.data.skip_broken_images,
+        pipeline=pipeline,
+        decode=decode,
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     module = build_module(backbone, data.input_shape, spec.num_classes, hparams)
@@ -249,6 +259,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         )
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
     evaluation.writer.args["skipped_images"] = len(data.skipped_images)  # data.skip_broken_images=true
+    evaluation.writer.args["data_pipeline"] = data.pipeline  # fast, domainbed, or tensors (MNIST, synthetic)
+    if data.pipeline == "fast":
+        evaluation.writer.args["data_decode"] = data.decode
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.state_dict())
     (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
