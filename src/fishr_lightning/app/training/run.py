@@ -37,7 +37,7 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import check_decode, check_pipeline, use_input_config
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
-from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
@@ -123,6 +123,9 @@ def config_choice(group: str) -> str | None:
 
 def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, Any]:
     """DomainBed's ``args`` record (what its collect_results.py groups by), plus the app's choices."""
+    pipeline, decode = data_options(cfg)
+    if dataset_spec(cfg.dataset.name).name not in IMAGE_FOLDER_DATASETS:
+        pipeline = "tensors"  # MNIST and the synthetic dataset are tensors: no image pipeline runs
     return {
         "dataset": cfg.dataset.name,
         "algorithm": cfg.algorithm.name,
@@ -141,6 +144,8 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "ckpt_path": cfg.ckpt_path,
         "eval_augmentation": cfg.eval_augmentation,
         "save_model": cfg.save_model,
+        "data_pipeline": pipeline,  # fast, domainbed, or tensors
+        **({"data_decode": decode} if pipeline == "fast" else {}),
     }
 
 
@@ -259,9 +264,6 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         )
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
     evaluation.writer.args["skipped_images"] = len(data.skipped_images)  # data.skip_broken_images=true
-    evaluation.writer.args["data_pipeline"] = data.pipeline  # fast, domainbed, or tensors (MNIST, synthetic)
-    if data.pipeline == "fast":
-        evaluation.writer.args["data_decode"] = data.decode
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.state_dict())
     (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
