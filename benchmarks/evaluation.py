@@ -56,6 +56,11 @@ class Evaluator(pl.LightningModule):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
+        self.datamodule: DomainBedDataModule | None = None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # No trainer.fit here: the module hands the batch hook to the datamodule (the fast pipeline's device part).
+        return batch if self.datamodule is None else self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -78,15 +83,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluations", type=int, default=3)
     parser.add_argument("--model", choices=["tiny", "resnet18"], default="tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pipeline", choices=["fast", "domainbed"], default="fast")
     options = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as directory:
         root = write_pacs_tree(Path(directory), options.images_per_class, options.image_size)
-        data = load_domains("PACS", root, image_size=224)
+        data = load_domains("PACS", root, image_size=224, pipeline=options.pipeline)
         trainer = pl.Trainer(accelerator=options.device, devices=1, logger=False, enable_progress_bar=False)
         module = Evaluator(model_for(options.model, data.spec.num_classes)).to(torch.device(options.device))
+        trainer.strategy.connect(module)  # per_split_sums moves batches through the module's batch hooks
         print(f"PACS-shaped tree: 4 domains × 7 classes × {options.images_per_class} JPEGs of {options.image_size}², "
               f"model {options.model}, {options.evaluations} evaluations, device {options.device}, "
+              f"data.pipeline={options.pipeline}, "
               f"{torch.get_num_threads()} threads\n")  # fmt: skip
         print("| loader | workers | images/s | s per evaluation |")
         print("| --- | --- | --- | --- |")
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                     data, [3], 0.2, trial_seed=0, seed=0, batch_size=32, steps=5001,
                     num_workers=workers, persistent_workers=True,
                 )  # fmt: skip
+                module.datamodule = datamodule
                 names = datamodule.eval_names
                 images = sum(len(split) for split in datamodule.eval_splits()) * options.evaluations
                 started = time.perf_counter()

@@ -6,7 +6,10 @@ Import from tests as ``from data_factories import ...`` (pytest puts ``tests/`` 
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +109,77 @@ class InterruptAfter(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.updates:
             raise RuntimeError(f"killed after {self.updates} updates (a test's simulated failure)")
+
+
+class PauseAfter(Callback):
+    """Waits after ``updates`` updates (in a run that trains through that step, not one resumed past
+    it): creates ``marker``, then waits up to ``timeout`` seconds for ``release`` to exist, so that a
+    test can act on a running process (launch a second one, send it a signal)."""
+
+    def __init__(self, updates: int, marker: str, release: str, timeout: float = 120.0) -> None:
+        self.updates, self.marker, self.release, self.timeout = updates, Path(marker), Path(release), timeout
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.updates:
+            return
+        self.marker.touch()
+        deadline = time.monotonic() + self.timeout
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class SignalAfter(Callback):
+    """Sends ``signal_name`` to its own process after ``updates`` updates, in the one process (of all
+    the jobs of a sweep) that first creates ``once_file``: one job is preempted, once."""
+
+    def __init__(self, updates: int, once_file: str, signal_name: str = "SIGTERM") -> None:
+        self.updates, self.once_file, self.signal_name = updates, Path(once_file), signal_name
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step != self.updates:
+            return
+        try:
+            self.once_file.open("x").close()
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+# -- photo-like images of every kind the image-folder datasets hold (issue 20's fidelity tests) ------
+
+IMAGE_KINDS = ("rgb", "greyscale", "cmyk", "png", "exif_rotated")
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """``[height, width, 3]`` uint8: smooth colour regions (a bicubic upsampling of a coarse random grid),
+    a few sharp edges and mild sensor-like noise: what JPEG photographs look like to a resize filter."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(max(height // 48, 2), max(width // 48, 2), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
+    smooth[: height // 3, width // 2 :] = 0.5 * smooth[: height // 3, width // 2 :] + 100  # a sharp rectangle
+    return np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def write_image_of_kind(path: Path, kind: str, width: int, height: int, seed: int = 0) -> Path:
+    """A photo-like image as the datasets hold them: ``rgb``, ``greyscale`` or ``cmyk`` JPEG (DomainNet,
+    TerraIncognita), ``png`` (OfficeHome), or ``exif_rotated``: a JPEG whose EXIF says "rotate 90°"
+    (orientation 6), which DomainBed's loader ignores. Returns the path (suffix ``.jpg`` or ``.png``)."""
+    from PIL import Image
+
+    image = Image.fromarray(photo_like(width, height, seed))
+    path = Path(path).with_suffix(".png" if kind == "png" else ".jpg")
+    if kind == "png":
+        image.save(path)
+    elif kind == "greyscale":
+        image.convert("L").save(path, quality=90)
+    elif kind == "cmyk":
+        image.convert("CMYK").save(path, quality=90)
+    elif kind == "exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+        image.save(path, quality=90, exif=exif)
+    else:
+        image.save(path, quality=90)
+    return path

@@ -87,7 +87,8 @@ def test_a_batch_the_processes_cannot_share_equally_is_refused():
 def evaluated_samples(datamodule, step=0, rank=0, world_size=1, splits=None):
     """``{split: [(x, y), ...]}`` of one evaluation, in order, and the batches' sizes per split."""
     samples, batch_sizes = {}, {}
-    for x, y, split_N in datamodule.eval_loader(step, rank, world_size, splits):
+    for batch in datamodule.eval_loader(step, rank, world_size, splits):
+        x, y, split_N = datamodule.on_after_batch_transfer(batch, 0)  # the fast pipeline's device part
         (split,) = split_N.unique().tolist()  # a batch never mixes splits
         samples.setdefault(split, []).extend(zip(x, y))
         batch_sizes.setdefault(split, []).append(len(y))
@@ -118,8 +119,8 @@ def test_every_domains_in_and_out_split_is_evaluated_and_processes_split_them_wi
     assert sorted(evaluated_samples(datamodule, splits=[4, 5])[0]) == [4, 5]
 
 
-def pacs_module(tmp_path, eval_augmentation):
-    data = load_domains("PACS", write_pacs(tmp_path, images_per_class=2), image_size=24)
+def pacs_module(tmp_path, eval_augmentation, pipeline="fast"):
+    data = load_domains("PACS", write_pacs(tmp_path, images_per_class=2), image_size=24, pipeline=pipeline)
     return DomainBedDataModule(
         data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5, eval_augmentation=eval_augmentation
     )
@@ -130,8 +131,9 @@ def first_eval_batches(datamodule, step):
     return [torch.stack([x for x, _ in samples[split][:2]]) for split in sorted(samples)]
 
 
-def test_training_domains_are_evaluated_through_the_training_augmentation_reproducibly(tmp_path):
-    augmented, clean = pacs_module(tmp_path / "a", True), pacs_module(tmp_path / "b", False)
+@pytest.mark.parametrize("pipeline", ["fast", "domainbed"])
+def test_training_domains_are_evaluated_through_the_training_augmentation_reproducibly(tmp_path, pipeline):
+    augmented, clean = pacs_module(tmp_path / "a", True, pipeline), pacs_module(tmp_path / "b", False, pipeline)
     at_step_3, again_at_3, at_step_6 = (first_eval_batches(augmented, step) for step in (3, 3, 6))
     clean_batches = first_eval_batches(clean, 3)
     names = augmented.eval_names
@@ -144,11 +146,12 @@ def test_training_domains_are_evaluated_through_the_training_augmentation_reprod
             assert not torch.equal(aug, later), name  # another draw at another step
 
 
-def test_one_evaluation_loader_with_persistent_workers_serves_every_evaluation_with_its_own_step(tmp_path):
+@pytest.mark.parametrize("pipeline", ["fast", "domainbed"])
+def test_one_evaluation_loader_with_persistent_workers_serves_every_evaluation_with_its_own_step(tmp_path, pipeline):
     """The step travels in the sampler's keys, so workers started once draw each evaluation's own
     augmentation: the same tensors as reading in the main process, evaluation after evaluation."""
     root = write_pacs(tmp_path, images_per_class=2)
-    data = load_domains("PACS", root, image_size=24)
+    data = load_domains("PACS", root, image_size=24, pipeline=pipeline)
     in_process = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5)
     workers = DomainBedDataModule(
         data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=5, num_workers=2, persistent_workers=True
@@ -182,7 +185,7 @@ def test_synthetic_spurious_feature_agrees_with_the_label_as_designed_and_revers
 
 
 def test_pacs_loads_from_an_image_folder_tree_with_augmentation_for_training(tmp_path):
-    data = load_domains("PACS", write_pacs(tmp_path), image_size=24)
+    data = load_domains("PACS", write_pacs(tmp_path), image_size=24, pipeline="domainbed")
     assert len(data.domains) == 4 and data.class_names == sorted(PACS_CLASSES)
     image, _label = data.domains[2][0]
     assert data.eval_transform(image).shape == (3, 24, 24)

@@ -1,5 +1,6 @@
 """Logs fit for files and clusters: with stdout not a terminal, a line every ``progress.every`` steps and
-the evaluation table, never a progress bar's frames."""
+the evaluation table, never a progress bar's frames; the first and last lines name the run directory;
+no empty ``run.log``, no Lightning tips, no deprecation warnings (issue 19)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,9 @@ def test_a_log_file_gets_progress_lines_and_tables_not_bar_frames(tmp_path):
     assert len(table_rows) == 3  # DomainBed's table: one row per evaluation (steps 0, 500, 1000)
     assert "weights_only" not in text  # Lightning's note on each resume checkpoint, once a line per record
     assert len(text.encode()) < 8_000, len(text.encode())
+    lines = text.strip().splitlines()
+    run_dir = tmp_path / "run"
+    assert lines[0] == f"fishr-train: run directory {run_dir}"
+    assert lines[-1] == f"fishr-train: run directory {run_dir} (finished)"
+    assert not (run_dir / "run.log").exists() and not (run_dir / "train.log").exists()
+    assert "Tip:" not in text and "deprecated" not in text.lower() and "Warning" not in text, text

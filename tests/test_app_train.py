@@ -98,6 +98,7 @@ def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
     assert status == 0
     assert_domainbed_records(run_dir, 4, [0, 1], "PACS", "ERM")
     assert records(run_dir)[-1]["args"]["test_envs"] == [3] and records(run_dir)[-1]["hparams"]["resnet18"] is True
+    assert records(run_dir)[-1]["args"]["data_pipeline"] == "fast"  # the default (issue 20)
 
 
 def test_colored_mnist_idx_files_run_with_mnist_cnn(monkeypatch, tmp_path):
@@ -217,6 +218,9 @@ def test_eval_augmentation_changes_only_the_training_domains_accuracies(monkeypa
         "steps=1",
         "loader.num_workers=0",
         "test_envs=[3]",
+        # This random network's predictions move with DomainBed's PIL augmentation; the fast pipeline's
+        # evaluation augmentation is tested on the tensors (test_app_data.py, both pipelines).
+        "data.pipeline=domainbed",
     ]
     runs = {}
     for setting in ("true", "false"):

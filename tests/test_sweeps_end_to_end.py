@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -67,6 +68,10 @@ def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
         records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
         assert [record["step"] for record in records] == [0, 2, 3]
         assert records[0]["args"]["dataset"] == "Synthetic" and records[0]["args"]["test_envs"] == [0]
+        # DomainBed's sweep.py seed, md5 of (dataset, algorithm, test_envs, hparams_seed, trial_seed), written out.
+        args = records[0]["args"]
+        key = str(("Synthetic", args["algorithm"], [0], args["hparams_seed"], args["trial_seed"]))
+        assert args["seed"] == int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % (2**31)
 
     assert collect.main([str(sweep_dir), "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out

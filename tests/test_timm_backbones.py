@@ -92,7 +92,8 @@ def test_the_app_trains_fishr_through_a_timm_vit_and_convnext_on_pacs(monkeypatc
 
 
 def test_the_transforms_take_the_models_size_mean_and_std(tmp_path):
-    data = load_domains("PACS", write_pacs(tmp_path / "data", images_per_class=1, size=20), image_size=224)
+    data_dir = write_pacs(tmp_path / "data", images_per_class=1, size=20)
+    data = load_domains("PACS", data_dir, image_size=224, pipeline="domainbed")
     featurizer = TimmFeaturizer((3, 224, 224), "vit_tiny_patch16_224", pretrained=False, image_size=48)
     use_input_config(data, featurizer.input_config, augment=True)
     train_steps, eval_steps = data.train_transform.transforms, data.eval_transform.transforms
@@ -105,6 +106,12 @@ def test_the_transforms_take_the_models_size_mean_and_std(tmp_path):
     assert tuple(train_steps[-1].mean) == (0.5, 0.5, 0.5) == tuple(eval_steps[-1].std)  # the ViT's, not ImageNet's
     assert eval_steps[0].size == (48, 48) and data.input_shape == (3, 48, 48)
     assert data.eval_transform(data.domains[0][0][0]).shape == (3, 48, 48)
+    # The fast pipeline (issue 20): the workers' size, the device part's mean and std.
+    fast = load_domains("PACS", data_dir, image_size=224, pipeline="fast")
+    use_input_config(fast, featurizer.input_config, augment=True)
+    assert fast.train_transform.output_size == fast.eval_transform.output_size == 48 and fast.train_transform.augment
+    assert fast.batch_transform.mean == (0.5, 0.5, 0.5) == fast.batch_transform.std and fast.input_shape == (3, 48, 48)
+    assert fast.eval_transform(fast.domains[0][0][0]).pixels.shape == (3, 48, 48)
 
 
 def compose_train(overrides: list[str]):

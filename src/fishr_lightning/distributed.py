@@ -9,6 +9,7 @@ decision and none raises while the others wait in a collective.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,17 +26,35 @@ def all_reduce_moments(moments: HeadGradientMoments) -> HeadGradientMoments:
     The collective's backward sums the gradient over ranks and DDP averages it, which together
     give the single-process gradient.
     """
-    from torch.distributed.nn.functional import all_reduce
-
     grad_sum_EP, grad_sq_sum_EP, count_E = moments.as_tuple()
     E, P = grad_sum_EP.shape
     num_samples = moments.num_samples if moments.num_samples is not None else count_E.sum()
     parts = [grad_sum_EP.reshape(-1), grad_sq_sum_EP.reshape(-1), count_E.to(grad_sum_EP.dtype)]
     flat = torch.cat(parts + [num_samples.to(grad_sum_EP.dtype).reshape(1)])
-    flat = all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat = _DifferentiableSum.apply(flat)
     return HeadGradientMoments(
         flat[: E * P].view(E, P), flat[E * P : 2 * E * P].view(E, P), flat[2 * E * P : -1], num_samples=flat[-1]
     )
+
+
+class _DifferentiableSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` with a backward that sums the gradients over ranks too (each rank's input
+    reaches every rank's output). ``torch.distributed.nn.functional.all_reduce`` did this and now
+    warns at each call that it is deprecated (torch 2.14) in favour of the private
+    ``torch.distributed._functional_collectives.all_reduce``; a plain collective in an
+    ``autograd.Function`` works on every torch this package supports (issue 19)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> Tensor:
+        grad = grad_output.contiguous().clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grad
 
 
 def all_reduce_max(value: Tensor) -> Tensor:

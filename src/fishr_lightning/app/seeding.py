@@ -9,3 +9,13 @@ from typing import Any
 def seed_hash(*args: Any) -> int:
     """An integer seed from any arguments, stable across runs and machines (DomainBed's ``misc.seed_hash``)."""
     return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+
+
+# The value of ``seed`` that asks for DomainBed's sweep seed (the ``domainbed*`` sweep presets set it).
+DOMAINBED_SEED = "domainbed"
+
+
+def domainbed_sweep_seed(dataset: str, algorithm: str, test_envs: list[int], hparams_seed: int, trial_seed: int) -> int:
+    """The ``seed`` DomainBed's ``sweep.py`` gives each run: ``seed_hash(dataset, algorithm, test_envs,
+    hparams_seed, trial_seed)``, with DomainBed's names (``"PACS"``, ``"Fishr"``) and ``test_envs`` a list."""
+    return seed_hash(dataset, algorithm, list(test_envs), hparams_seed, trial_seed)

@@ -10,10 +10,16 @@
   ``env{i}_out``; as in DomainBed, the training domains' splits go through the training augmentation
   (``eval_augmentation``), with a draw seeded per sample by ``(seed, step, split, index)``. Under DDP
   each process evaluates every W-th sample: every sample counts once, none is repeated.
+- The fast image pipeline (``data.pipeline=fast``) ships uint8 images with their per-sample parameters
+  (``fast_images.UInt8Images``) and finishes them on the device in ``on_after_batch_transfer``, for
+  training batches (Lightning's transfer) and evaluation batches (``trainer.strategy.batch_to_device``) alike.
+  Its training augmentation is drawn per sample from ``(seed, step, slot)`` (the sampler yields
+  ``(step, slot, index)`` keys), so a batch is the same whatever the number of workers and after a resume.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fishr_lightning.app import AppError
+from fishr_lightning.app.data.fast_images import FastImageTransform, MixedImages, UInt8Images, collate_images
 from fishr_lightning.app.data.specs import MultiDomainData
 from fishr_lightning.app.seeding import seed_hash
 
@@ -91,6 +98,9 @@ class DomainBatchSampler(Sampler[list[int]]):
     Lightning restored the step counter from a checkpoint). Process ``rank`` of ``world_size`` takes
     the ``rank``-th of ``world_size`` equal slices of each domain's draw: together the processes see
     the one-process batch.
+
+    With ``keyed``, each index comes as ``(step, slot, index)``, ``slot`` its position in the step's
+    whole batch (all processes): ``SeededSamples`` seeds each sample's augmentation with it.
     """
 
     def __init__(
@@ -102,6 +112,7 @@ class DomainBatchSampler(Sampler[list[int]]):
         first_step: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
+        keyed: bool = False,
     ) -> None:
         check_batch_divides(batch_size, world_size)
         self.domain_sizes = list(domain_sizes)
@@ -112,17 +123,23 @@ class DomainBatchSampler(Sampler[list[int]]):
         self.first_step = first_step
         self.rank = rank
         self.world_size = world_size
+        self.keyed = keyed
 
-    def batch_at(self, step: int) -> list[int]:
+    def batch_at(self, step: int) -> list[int] | list[tuple[int, int, int]]:
         generator = torch.Generator().manual_seed(seed_hash(self.seed, step))
         share = self.batch_size // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
         indices = [
-            (offset + torch.randint(size, (self.batch_size,), generator=generator))[
-                self.rank * share : (self.rank + 1) * share
-            ]
+            (offset + torch.randint(size, (self.batch_size,), generator=generator))[mine]
             for offset, size in zip(self.domain_offsets, self.domain_sizes)
         ]
-        return torch.cat(indices).tolist()
+        batch = torch.cat(indices).tolist()
+        if not self.keyed:
+            return batch
+        slots = [
+            domain * self.batch_size + slot for domain in range(len(indices)) for slot in range(self.batch_size)[mine]
+        ]
+        return [(step, slot, index) for slot, index in zip(slots, batch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.first_step(), self.total_steps):
@@ -139,6 +156,45 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
             f"processes, and {world_size} does not divide it: choose a batch_size divisible by the number of "
             "processes (trainer.devices × trainer.num_nodes), or another number of processes."
         )
+
+
+class FinishedInWorker:
+    """A fast-pipeline item transform followed by its device part on this one sample (``UInt8Images`` →
+    normalised float tensor): the device part where the device is the CPU (``finishes_in_workers``)."""
+
+    def __init__(self, transform: Callable, batch_transform: Callable) -> None:
+        self.transform = transform
+        self.batch_transform = batch_transform
+
+    def __call__(self, item: Any) -> Tensor:
+        images = self.transform(item)
+        return self.batch_transform(UInt8Images(images.pixels[None], images.params[None]))[0]
+
+
+class SeededSamples(Dataset):
+    """``dataset``'s items by ``(step, slot, index)`` keys (``DomainBatchSampler(keyed=True)``), each
+    transformed under torch's global RNG seeded by ``(seed, step, slot)``: the training augmentation is a
+    function of the step and the sample's place in the batch only, not of the worker that draws it."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        step, slot, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_hash(self.seed, step, "train", slot))
+            return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def default_num_workers(processes_per_node: int = 1) -> int:
+    """Loader workers per loader: the cores this process may use (``os.sched_getaffinity``) shared among
+    the node's processes, less one for the process itself (0, loading in the process, on one core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(cores // max(processes_per_node, 1) - 1, 0)
 
 
 EvaluationKey = tuple[int, int, int]  # (step, split, index in the split)
@@ -197,7 +253,8 @@ class DomainBedDataModule(pl.LightningDataModule):
     eval_augmentation: evaluate the training domains' splits through the training transform, as
         DomainBed (its training environments carry the augmentation); False: without it.
     num_workers, pin_memory, persistent_workers: the DataLoaders' (keep a GPU fed); persistent workers
-        serve the training loader and the one evaluation loader for the whole run.
+        serve the training loader and the one evaluation loader for the whole run. ``num_workers=None``:
+        ``default_num_workers`` for the trainer's processes on this node.
     """
 
     def __init__(
@@ -210,7 +267,7 @@ class DomainBedDataModule(pl.LightningDataModule):
         batch_size: int,
         steps: int,
         eval_batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_augmentation: bool = True,
@@ -224,16 +281,26 @@ class DomainBedDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.steps = steps
         self.eval_batch_size = eval_batch_size
-        self.loader_options = {
-            "num_workers": num_workers,
-            "pin_memory": pin_memory,
-            "persistent_workers": persistent_workers and num_workers > 0,
-        }
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.splits = [
             split_indices(len(domain), holdout_fraction, seed_hash(trial_seed, env))
             for env, domain in enumerate(data.domains)
         ]
         self._eval_loaders: dict[bool, DataLoader] = {}  # by augmentation
+
+    @property
+    def loader_options(self) -> dict[str, Any]:
+        num_workers = self.num_workers
+        if num_workers is None:
+            num_workers = default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
+        return {
+            "num_workers": num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers and num_workers > 0,
+            "collate_fn": collate_images,  # default_collate, but for JPEGs left to the device (data.decode=device)
+        }
 
     @property
     def eval_names(self) -> list[str]:
@@ -245,10 +312,31 @@ class DomainBedDataModule(pl.LightningDataModule):
         """DomainBed's: the smallest in split (test domains included) over the batch size."""
         return min(len(in_indices) for in_indices, _ in self.splits) / self.batch_size
 
+    @property
+    def finishes_in_workers(self) -> bool:
+        """The fast pipeline on a CPU-only run: its device part runs per sample in the loader workers, in
+        parallel as DomainBed's augmentation does, not in the training process between steps (the same
+        operations and parameters, so the same tensors)."""
+        trainer = self.trainer
+        return (
+            self.data.batch_transform is not None
+            and trainer is not None
+            and getattr(getattr(trainer, "strategy", None), "root_device", None) is not None
+            and trainer.strategy.root_device.type == "cpu"
+        )
+
+    def item_transform(self, transform: Callable | None) -> Callable | None:
+        if transform is not None and self.finishes_in_workers:
+            if isinstance(transform, FastImageTransform) and transform.decode_on_device:  # the device is the CPU
+                transform = FastImageTransform(transform.output_size, transform.augment, decode_on_device=False)
+            return FinishedInWorker(transform, self.data.batch_transform)
+        return transform
+
     def train_dataset(self) -> ConcatDataset:
+        transform = self.item_transform(self.data.train_transform)
         return ConcatDataset(
             [
-                DomainSplit(self.data.domains[env], self.splits[env][0], self.data.train_transform, domain_id)
+                DomainSplit(self.data.domains[env], self.splits[env][0], transform, domain_id)
                 for domain_id, env in enumerate(self.train_envs)
             ]
         )
@@ -256,6 +344,7 @@ class DomainBedDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         trainer = self.trainer
+        keyed = self.data.batch_transform is not None  # the fast pipeline: augmentation seeded per sample
         sampler = DomainBatchSampler(
             domain_sizes=[len(split) for split in dataset.datasets],
             batch_size=self.batch_size,
@@ -264,8 +353,23 @@ class DomainBedDataModule(pl.LightningDataModule):
             first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            keyed=keyed,
         )
-        return DataLoader(dataset, batch_sampler=sampler, **self.loader_options)
+        samples = SeededSamples(dataset, self.seed) if keyed else dataset
+        return DataLoader(samples, batch_sampler=sampler, **self.loader_options)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The fast pipeline's device part: ``(UInt8Images, y, group)`` → ``(x, y, group)``, ``x`` normalised
+        (``data.batch_transform``) in the precision plugin's input type; any other batch unchanged."""
+        if self.data.batch_transform is not None and isinstance(batch, (tuple, list)) and batch:
+            if isinstance(batch[0], (UInt8Images, MixedImages)):
+                x = self.data.batch_transform(batch[0])
+                if self.trainer is not None:
+                    # Lightning converted the batch (16-true/bf16-true: to half) before this hook, when x was
+                    # still uint8: the images made here are converted as it would have converted them.
+                    x = self.trainer.precision_plugin.convert_input(x)
+                return (x, *batch[1:])
+        return batch
 
     def training_batches(self, first_step: int, num_steps: int) -> DataLoader:
         """The training batches of steps ``first_step .. first_step + num_steps - 1``, this process's
@@ -298,7 +402,7 @@ class DomainBedDataModule(pl.LightningDataModule):
                     DomainSplit(
                         domain,
                         self.splits[env][split_index],
-                        self.data.train_transform if augmented else self.data.eval_transform,
+                        self.item_transform(self.data.train_transform if augmented else self.data.eval_transform),
                         seed=self.seed if augmented else None,
                         name=f"env{env}_{split}",
                     )

@@ -18,10 +18,15 @@ def load_domains(
     augment: bool = True,
     seed: int = 0,
     samples_per_domain: int | None = None,
+    skip_broken_images: bool = False,
+    pipeline: str = "fast",
+    decode: str = "cpu",
 ) -> MultiDomainData:
     """Every domain of dataset ``name`` (DomainBed's class name). ``seed`` drives the random parts of
     the generated and MNIST datasets (shuffle, label noise, colours) through a local generator;
-    ``samples_per_domain`` sizes the synthetic dataset."""
+    ``samples_per_domain`` sizes the synthetic dataset; ``skip_broken_images`` leaves unreadable image
+    files out of the image-folder datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
+    ``domainbed``) and ``decode`` (``cpu`` or ``device``) are the image folders' (``image_folders.py``)."""
     spec = dataset_spec(name)
     if spec.name == "Synthetic":
         return synthetic_domains(seed=seed, samples_per_domain=samples_per_domain or SAMPLES_PER_DOMAIN)
@@ -30,4 +35,4 @@ def load_domains(
     data_dir = Path(data_dir).expanduser()
     if spec.name in MNIST_DATASETS:
         return load_mnist_domains(spec, data_dir, seed)
-    return load_image_folder_domains(spec, data_dir, image_size, augment)
+    return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode)

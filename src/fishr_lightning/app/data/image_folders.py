@@ -1,22 +1,29 @@
 """DomainBed's image-folder datasets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet): one
-torchvision ``ImageFolder`` per domain, items ``(PIL image, class)``, and DomainBed's transforms (the
-datamodule applies them per split, so that only training domains are augmented)."""
+torchvision ``ImageFolder`` per domain and DomainBed's transforms (the datamodule applies them per split,
+so that only training domains are augmented), through one of two pipelines (``data.pipeline``):
+
+- ``fast`` (the default, issue 20): items ``(path, class)``; the workers decode at a reduced DCT scale,
+  crop and resize to uint8 (``fast_images.FastImageTransform``), the training device does the rest
+  (``MultiDomainData.batch_transform``);
+- ``domainbed``: items ``(PIL image, class)`` through DomainBed's PIL transforms, exactly."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import ImageFile
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from fishr_lightning.app import AppError
+from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTransform
+from fishr_lightning.app.data.images import ImageReader, scan_images, warn_truncated
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
 
-# DomainBed does the same: a few images in TerraIncognita and DomainNet are truncated JPEGs.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+PIPELINES = ("fast", "domainbed")
+DECODERS = ("cpu", "device")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +59,53 @@ def train_image_transform(
     )
 
 
+def check_pipeline(pipeline: str) -> str:
+    if pipeline not in PIPELINES:
+        raise AppError(
+            f"data.pipeline={pipeline}: choose fast (reduced JPEG decode on the loader workers, augmentation on "
+            "the training device; the default) or domainbed (DomainBed's PIL transforms, exactly)."
+        )
+    return pipeline
+
+
+def check_decode(decode: str, pipeline: str) -> str:
+    if decode not in DECODERS:
+        raise AppError(
+            f"data.decode={decode}: choose cpu (the loader workers decode every image; the default) or device "
+            "(the training device decodes baseline JPEGs: nvjpeg on a GPU)."
+        )
+    if decode == "device" and pipeline != "fast":
+        raise AppError(
+            f"data.decode=device needs data.pipeline=fast (it is {pipeline}): DomainBed's PIL path decodes on the CPU."
+        )
+    return decode
+
+
+def set_image_transforms(
+    data: MultiDomainData,
+    image_size: int,
+    augment: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> None:
+    """``data``'s transforms for its pipeline (``data.pipeline``) at ``image_size``, ``mean`` and ``std``."""
+    if data.pipeline == "fast":
+        on_device = data.decode == "device"
+        reader = data.image_reader
+        data.eval_transform = FastImageTransform(image_size, augment=False, decode_on_device=on_device, reader=reader)
+        data.train_transform = (
+            FastImageTransform(image_size, augment=True, decode_on_device=on_device, reader=reader)
+            if augment
+            else data.eval_transform
+        )
+        data.batch_transform = DeviceAugmentation(mean, std, output_size=image_size)
+    else:
+        data.eval_transform = eval_image_transform(image_size, mean, std)
+        data.train_transform = train_image_transform(image_size, mean, std) if augment else data.eval_transform
+        data.batch_transform = None
+    data.input_shape = (3, image_size, image_size)
+
+
 def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: bool) -> None:
     """The image transforms at a backbone's own input size, mean and std (timm's ``resolve_data_config``);
     DomainBed's augmentation otherwise unchanged. Datasets of tensors (MNIST) are left as they are."""
@@ -60,16 +114,23 @@ def use_input_config(data: MultiDomainData, config: dict[str, Any], augment: boo
     channels, height, width = config["input_size"]
     if height != width:
         raise AppError(f"The backbone's input size {height}x{width} is not square; set backbone.image_size=...")
-    mean, std = config["mean"], config["std"]
-    data.eval_transform = eval_image_transform(height, mean, std)
-    data.train_transform = train_image_transform(height, mean, std) if augment else data.eval_transform
-    data.input_shape = (data.input_shape[0], height, width)
+    set_image_transforms(data, height, augment, config["mean"], config["std"])
 
 
 # -- loaders --------------------------------------------------------------------------------------
 
 
-def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int, augment: bool) -> MultiDomainData:
+def load_image_folder_domains(
+    spec: DatasetSpec,
+    data_dir: Path,
+    image_size: int,
+    augment: bool,
+    skip_broken_images: bool = False,
+    pipeline: str = "fast",
+    decode: str = "cpu",
+) -> MultiDomainData:
+    check_pipeline(pipeline)
+    check_decode(decode, pipeline)
     root = data_dir / spec.folder
     if not root.is_dir():
         raise data_error(spec, data_dir, f"There is no directory {root}.")
@@ -98,16 +159,47 @@ def load_image_folder_domains(spec: DatasetSpec, data_dir: Path, image_size: int
                 f"({sorted(set(classes) ^ set(reference_classes))}).",
             )
     domains = []
+    # Every file is opened by images.open_image: an unreadable one is an error naming it (issue 19).
+    reader = ImageReader(root, hint=f"fishr-download {spec.download_name} --data-dir {data_dir}")
     for folder in spec.domain_folders:
         try:
-            domains.append(ImageFolder(str(root / folder)))
+            # The fast path opens each file in its transform (FastImageTransform, through the same reader),
+            # to decode it at a reduced scale.
+            domains.append(ImageFolder(str(root / folder), loader=str if pipeline == "fast" else reader))
         except (FileNotFoundError, OSError) as error:
             raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}") from None
-    return MultiDomainData(
+    skipped = skip_unreadable_images(domains) if skip_broken_images else []
+    data = MultiDomainData(
         spec=spec,
         domains=domains,
         input_shape=(3, image_size, image_size),
-        train_transform=train_image_transform(image_size) if augment else eval_image_transform(image_size),
-        eval_transform=eval_image_transform(image_size),
         class_names=reference_classes,
+        skipped_images=skipped,
+        pipeline=pipeline,
+        decode=decode,
+        image_reader=reader,
     )
+    set_image_transforms(data, image_size, augment)
+    return data
+
+
+def skip_unreadable_images(domains: list[ImageFolder]) -> list[str]:
+    """Reads every image once and drops the unreadable ones from ``domains`` (before the splits are
+    drawn); one warning lists them, one the truncated ones. Returns the paths dropped."""
+    paths = [path for domain in domains for path, _ in domain.samples]
+    unreadable, truncated = scan_images(paths)
+    if truncated:
+        warn_truncated(truncated)
+    if unreadable:
+        dropped = set(unreadable)
+        for domain in domains:
+            domain.samples = [sample for sample in domain.samples if sample[0] not in dropped]
+            domain.imgs = domain.samples
+            domain.targets = [target for _, target in domain.samples]
+        warnings.warn(
+            f"data.skip_broken_images=true: {len(unreadable)} unreadable image(s) left out of the run: "
+            f"{', '.join(unreadable)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return unreadable

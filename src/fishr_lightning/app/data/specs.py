@@ -95,7 +95,11 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 @dataclass
 class MultiDomainData:
-    """One dataset per domain, and how to turn its items into tensors for training and evaluation."""
+    """One dataset per domain, and how to turn its items into tensors for training and evaluation:
+    ``train_transform``/``eval_transform`` per item (in the loader workers), then ``batch_transform``, when
+    set, per batch on the training device (the fast image pipeline's second half). ``pipeline`` says which
+    image pipeline built them (``fast``, ``domainbed``; ``tensors`` for datasets held as tensors), ``decode``
+    where the fast pipeline decodes JPEGs (``cpu``: the loader workers; ``device``: the training device)."""
 
     spec: DatasetSpec
     domains: list[Dataset]
@@ -103,6 +107,13 @@ class MultiDomainData:
     train_transform: Transform | None = None
     eval_transform: Transform | None = None
     class_names: list[str] = field(default_factory=list)
+    skipped_images: list[str] = field(default_factory=list)  # left out by data.skip_broken_images=true
+    batch_transform: Callable[[Any], Tensor] | None = None
+    pipeline: str = "tensors"
+    decode: str = "cpu"
+    # Opens the image folders' files (images.ImageReader: a broken file is an error naming it, issue 19);
+    # the fast pipeline's transforms read through it too.
+    image_reader: Any = None
 
 
 def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:

@@ -85,6 +85,14 @@ def read_run(results_path: Path, strict: bool) -> list[Record]:
                     "test_envs, hparams_seed, trial_seed), as written by `python train.py` or DomainBed's "
                     "train.py. Fix the record, or move that run out of the sweep directory."
                 )
+            if records and strict and record["step"] <= records[-1]["step"]:
+                # Two processes that wrote one run directory interleave their records (issue 19).
+                raise SweepError(
+                    f"{results_path}:{line_number}: step {record['step']} follows step {records[-1]['step']}; a "
+                    "run's steps only increase, so two runs wrote this file (launched twice into one directory, "
+                    "before the app locked run directories). Re-run it: delete its directory, or its "
+                    f"'{DONE_FILE}' marker and {RESULTS_FILE}, and launch the sweep again."
+                )
             records.append(record)
     return records
 

@@ -57,6 +57,8 @@ def per_split_sums(
     try:
         with torch.inference_mode():
             for batch in loader:
+                # Through the batch hooks, as training batches: the fast image pipeline finishes its
+                # images on the device there (DomainBedDataModule.on_after_batch_transfer).
                 x, y_N, split_N = trainer.strategy.batch_to_device(precision.convert_input(batch), dataloader_idx=0)
                 with precision.forward_context():
                     logits = pl_module(x)
@@ -112,7 +114,14 @@ class DomainBedEvaluation(Callback):
         if trainer.is_global_zero:
             kept = self.writer.keep_records_before(trainer.global_step)
             self.last_record = kept[-1] if kept else None
-        self.step_values.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The loss terms of the steps since the last record: a run stopped between records (preempted,
+        # issue 19) and resumed writes the next record's means over the same steps as an uninterrupted run.
+        return {"step_values": {name: list(values) for name, values in self.step_values.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_values = defaultdict(list, {name: list(v) for name, v in state_dict.get("step_values", {}).items()})
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

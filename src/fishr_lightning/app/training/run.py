@@ -5,13 +5,17 @@ as a Hydra app over Lightning. The configs are ``configs/`` at the repository ro
 A run directory holds ``results.jsonl`` (DomainBed's records), ``checkpoints/last.ckpt`` while it
 runs (for resuming; removed once finished), the final model as ``save_model`` says (``model.pt``,
 the weights: default; ``model.ckpt``, a full resumable checkpoint; or nothing) and ``done`` once
-finished; a run whose directory holds ``done`` is skipped, so a re-launched sweep only trains what
-is missing.
+finished. One process at a time runs in a directory (``.lock``); a run whose directory holds its
+checkpoint resumes from it (``ckpt_path: auto``), one that holds ``done`` with the same settings is
+skipped, so a re-launched or requeued sweep only trains what is missing (``run_directory.py``). A
+preemption signal saves the step reached and exits non-zero (``preemption.py``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,24 +28,37 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
-from fishr_lightning.app.data.image_folders import use_input_config
-from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.data.image_folders import check_decode, check_pipeline, use_input_config
+from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
+from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
+from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
 from fishr_lightning.app.training.averaging import AveragedModelRecord, averaging_callbacks, stopped_early
+from fishr_lightning.app.training.config_checks import check_top_level_keys
+from fishr_lightning.app.training.console import quiet_lightning
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
 from fishr_lightning.app.training.module import DomainClassifier
+from fishr_lightning.app.training.preemption import Preempted, Preemption
 from fishr_lightning.app.training.progress import ProgressLines
+from fishr_lightning.app.training.run_directory import (
+    FINISHED,
+    RESUME_CHECKPOINT,
+    check_checkpoint,
+    check_ckpt_path_option,
+    resume_decision,
+    run_directory_lock,
+)
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
-RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 SAVE_MODEL_CHOICES = ("weights", "full", "none")
 WEIGHTS_FILE = "model.pt"
 FULL_CHECKPOINT_FILE = "model.ckpt"
@@ -106,6 +123,9 @@ def config_choice(group: str) -> str | None:
 
 def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, Any]:
     """DomainBed's ``args`` record (what its collect_results.py groups by), plus the app's choices."""
+    pipeline, decode = data_options(cfg)
+    if dataset_spec(cfg.dataset.name).name not in IMAGE_FOLDER_DATASETS:
+        pipeline = "tensors"  # MNIST and the synthetic dataset are tensors: no image pipeline runs
     return {
         "dataset": cfg.dataset.name,
         "algorithm": cfg.algorithm.name,
@@ -124,27 +144,43 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "ckpt_path": cfg.ckpt_path,
         "eval_augmentation": cfg.eval_augmentation,
         "save_model": cfg.save_model,
+        "data_pipeline": pipeline,  # fast, domainbed, or tensors
+        **({"data_decode": decode} if pipeline == "fast" else {}),
     }
+
+
+def data_options(cfg: DictConfig) -> tuple[str, str]:
+    """``(data.pipeline, data.decode)``, checked."""
+    data = cfg.get("data") or {}
+    pipeline = check_pipeline(data.get("pipeline", "fast"))
+    return pipeline, check_decode(data.get("decode", "cpu"), pipeline)
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
     """One run; returns its last record, or ``None`` when the run directory says ``done``."""
     run_dir = run_directory(cfg)
-    if (run_dir / DONE_FILE).exists() and cfg.ckpt_path in (None, "last"):
-        print(
-            f"{run_dir} holds a finished run ({DONE_FILE}); skipping it. Delete {run_dir / DONE_FILE} to train again."
-        )
-        return None
-
     spec = dataset_spec(cfg.dataset.name)
     test_envs = check_test_envs(
         OmegaConf.to_container(cfg.test_envs) if OmegaConf.is_list(cfg.test_envs) else cfg.test_envs, spec
     )
     check_run_options(cfg)
+    with open_dict(cfg):
+        cfg.ckpt_path = check_ckpt_path_option(cfg.ckpt_path)
+        if cfg.seed == DOMAINBED_SEED:  # the domainbed* sweep presets: DomainBed's sweep.py seed (issue 19)
+            cfg.seed = domainbed_sweep_seed(spec.name, cfg.algorithm.name, test_envs, cfg.hparams_seed, cfg.trial_seed)
+    pipeline, decode = data_options(cfg)
     hparams = resolve_hparams(cfg)
     if not is_positive_int(hparams["batch_size"]):
         raise AppError(f"batch_size={hparams['batch_size']}: it is the number of samples per training domain and step.")
+    ckpt_path = resume_decision(run_dir, cfg.ckpt_path, run_args(cfg, run_dir, test_envs), hparams)
+    if ckpt_path == FINISHED:
+        print(
+            f"{run_dir} holds a finished run ({DONE_FILE}); skipping it (its recorded args and hparams are this "
+            f"command's). Delete {run_dir / DONE_FILE} to train again."
+        )
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[TRUNCATED_IMAGES_ENV] = str(run_dir / ".truncated_images")  # one warning per file and run
 
     with open_dict(cfg):
         cfg.hparams = hparams
@@ -158,8 +194,11 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.data_dir,
         image_size=cfg.dataset.image_size or 224,
         augment=hparams["data_augmentation"],
-        seed=cfg.trial_seed,
+        seed=cfg.seed,  # DomainBed builds Colored/Rotated MNIST after seeding its global RNG with args.seed
         samples_per_domain=cfg.dataset.get("samples_per_domain"),
+        skip_broken_images=cfg.data.skip_broken_images,
+        pipeline=pipeline,
+        decode=decode,
     )
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     # The algorithm's own module options (configs/algorithm/*.yaml `module:`): Mixup, one forward per domain.
@@ -205,6 +244,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     if not progress_bar and cfg.progress.every:
         callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
     callbacks += instantiate_callbacks(cfg.callbacks)
+    callbacks.append(Preemption(run_dir / RESUME_CHECKPOINT))  # last: after the step's record
     trainer = instantiate_trainer(
         cfg.trainer,
         max_steps=cfg.steps,
@@ -226,9 +266,9 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             "micro-batches would split. Raise batch_size (per domain and step) or use more devices instead."
         )
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(run_dir / RESUME_CHECKPOINT) if (run_dir / RESUME_CHECKPOINT).is_file() else None
+    evaluation.writer.args["skipped_images"] = len(data.skipped_images)  # data.skip_broken_images=true
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, module.state_dict())
     (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -342,6 +382,8 @@ def check_run_options(cfg: DictConfig) -> None:
         raise AppError(
             f"save_model={cfg.save_model}: choose weights (model.pt, the default), full (model.ckpt, resumable) or none."
         )
+    if not isinstance(cfg.data.skip_broken_images, bool):
+        raise AppError(f"data.skip_broken_images={cfg.data.skip_broken_images}: true or false (the default).")
     if not isinstance(cfg.eval_augmentation, bool):
         raise AppError(f"eval_augmentation={cfg.eval_augmentation}: true (DomainBed's evaluation) or false.")
     every = cfg.progress.every
@@ -354,11 +396,12 @@ def check_run_options(cfg: DictConfig) -> None:
         or not (0.0 <= holdout_fraction < 1.0)
     ):
         raise AppError(f"holdout_fraction={holdout_fraction}: it is the share of each domain held out, in [0, 1).")
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).is_file():
+    seed = cfg.seed
+    if seed != DOMAINBED_SEED and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise AppError(
-            f"ckpt_path={cfg.ckpt_path} is not a file. Pass a checkpoint of this run (e.g. "
-            f"<run dir>/checkpoints/last.ckpt or <run dir>/model.ckpt), or ckpt_path=last to resume the "
-            "run directory's latest checkpoint when there is one."
+            f"seed={seed}: a non-negative integer (initialisation, batches, the MNIST variants' construction), "
+            f"or {DOMAINBED_SEED} for DomainBed's sweep seed, seed_hash(dataset, algorithm, test_envs, "
+            "hparams_seed, trial_seed)."
         )
 
 
@@ -401,13 +444,38 @@ def format_accuracy(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def worker_message(error: Exception) -> str:
+    """The message of an app error, also when a DataLoader worker raised it: PyTorch re-raises it in
+    the main process with the worker's traceback as the message; its last paragraph is the error's."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "
+    if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+        return message[message.rindex(marker) + len(marker) :].strip()
+    return message
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
+    run_dir = run_directory(cfg)
+    print(f"fishr-train: run directory {run_dir}", flush=True)  # the first line of every run names its directory
+    outcome = "failed"
+    quiet_lightning()
     try:
-        train(cfg)
+        check_top_level_keys(cfg)
+        with run_directory_lock(run_dir):
+            outcome = "finished" if train(cfg) is not None else "skipped"
     except (AppError, FishrInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {worker_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as preempted:
+        outcome = "preempted, not finished"
+        print(f"fishr-train: {preempted}", file=sys.stderr, flush=True)
+        preempted.hand_over()
+    except SIGTERMException:  # Lightning's (a SystemExit with status 0): a SIGTERM that Preemption did not see
+        outcome = "preempted, not finished"
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        print(f"fishr-train: run directory {run_dir} ({outcome})", flush=True)  # and its last line
 
 
 def main() -> None:

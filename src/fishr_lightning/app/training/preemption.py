@@ -1,0 +1,118 @@
+"""Preemption (issue 19): SLURM sends SIGTERM before it kills a job (and SIGUSR1/SIGUSR2 where a job
+asks for a warning before its time limit, as submitit and Lightning's ``SLURMEnvironment`` do).
+
+The run must then save the step it reached, exit non-zero without writing ``done`` (so that the
+scheduler and submitit know it did not finish) and, where a launcher can requeue it, be requeued;
+the requeued run resumes from its checkpoint (``ckpt_path: auto``). Lightning's own SIGTERM handling
+ends ``fit`` with ``SIGTERMException``, a ``SystemExit`` with status 0, and saves nothing.
+
+``Preemption`` takes the three signals over while the trainer runs: the handler only notes the
+signal (and passes it to the processes Lightning launched); at the end of the training step, once
+every callback has run (the step's record included), the run saves ``checkpoints/last.ckpt`` and
+raises ``Preempted``. Its ``hand_over`` then does what the launcher would have done with the signal:
+submitit's checkpoint-and-requeue (Hydra's submitit launcher gives it the ``checkpoint()`` that
+re-submits the same job), else exit with status 128 + the signal's number, as a process the signal
+had killed. A SLURM partition that preempts by requeueing starts the same command again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
+class Preempted(Exception):
+    """The run was asked to stop by ``signum`` and saved ``checkpoint`` at ``step`` updates."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: Any = None) -> None:
+        self.signum, self.step, self.checkpoint, self.requeue = signum, step, checkpoint, requeue
+        name = signal.Signals(signum).name
+        saved = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint saved"
+        super().__init__(
+            f"{name} received: the run stopped after {step} update{'' if step == 1 else 's'} ({saved}); it is not finished (no 'done'). "
+            "The same command resumes it from there (ckpt_path: auto)."
+        )
+
+    def hand_over(self) -> NoReturn:
+        """Requeue through the launcher that started the run (submitit), else exit with 128 + signum."""
+        if self.requeue is not None:
+            self.requeue(self.signum, None)  # submitit: checkpoint() re-submits the job, then exits
+        sys.exit(128 + self.signum)
+
+
+def submitit_requeue_handler() -> Any:
+    """Submitit's checkpoint-and-requeue handler when this process is a submitit job, else ``None``.
+
+    Submitit binds it to ``SUBMITIT_PREEMPT_SIGNAL`` (SIGUSR2) and bypasses SIGTERM; the app requeues
+    on any of the three signals, so that a job preempted with SIGTERM is requeued too."""
+    if "SUBMITIT_FOLDER" not in os.environ:  # submitit's process_job sets it
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    handler = signal.getsignal(getattr(signal, f"SIG{name}", signal.SIGUSR2))
+    return handler if callable(handler) and getattr(handler, "__name__", "") == "checkpoint_and_try_requeue" else None
+
+
+class Preemption(Callback):
+    """Saves ``resume_checkpoint`` and stops the run at the end of the step during which a preemption
+    signal (``SIGTERM``, ``SIGUSR1``, ``SIGUSR2``) arrived, by raising ``Preempted``.
+
+    Put it after every other callback, so that the step's record is written first. Under DDP every
+    process stops at the same step (the decision is reduced over processes at each step).
+
+    Args:
+        resume_checkpoint: where the checkpoint of the step reached goes (the app's ``checkpoints/last.ckpt``).
+    """
+
+    def __init__(self, resume_checkpoint: Path | None) -> None:
+        self.resume_checkpoint = resume_checkpoint
+        self.received: int | None = None
+        self._trainer: pl.Trainer | None = None
+        self._replaced: dict[int, Any] = {}
+        # Before Lightning registers its own handlers: the launcher's (submitit's) or the defaults.
+        self.requeue = submitit_requeue_handler()
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        first = self.received is None
+        self.received = signum
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if first and launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signum)  # the ranks Lightning started in subprocesses get it too (as Lightning does)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning's _SignalConnector registered its handlers (it restores what it found at the end).
+        self._trainer = trainer
+        if trainer.received_sigterm:  # between Lightning's registration and now: Lightning's handler noted it
+            self.received = signal.SIGTERM
+        for signum in PREEMPTION_SIGNALS:
+            self._replaced[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._note)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        if self.resume_checkpoint is not None:
+            trainer.save_checkpoint(self.resume_checkpoint, weights_only=False)  # every rank: ends in a barrier
+        raise Preempted(self.received or signal.SIGTERM, trainer.global_step, self.resume_checkpoint, self.requeue)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's _SignalConnector already restored the handlers it found (also after an exception);
+        # put back only those that are still this callback's.
+        for signum, handler in self._replaced.items():
+            if signal.getsignal(signum) == self._note:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._replaced = {}
+        self._trainer = None

@@ -1,0 +1,248 @@
+"""Runs that survive a cluster (issue 19), on real processes: a run stopped by SIGTERM between two
+records saves the step it reached, exits non-zero without ``done``, and the same command resumes it
+to the records of an uninterrupted run; a second process launched into a running run's directory
+refuses; a killed process's lock does not block; broken checkpoints and ``ckpt_path`` misuse end in
+one paragraph."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from test_app_train import FAST, SMALL_SYNTHETIC, records, run_app
+
+from fishr_lightning.app import AppError
+from fishr_lightning.app.training.run_directory import run_directory_lock
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+OPTIONS = [
+    *SMALL_SYNTHETIC,
+    "steps=25",
+    "checkpoint_freq=10",
+    "torch_threads=1",
+    "+hparams.penalty_anneal_iters=5",
+    "+hparams.lambda=10",
+]
+
+
+def comparable(run_records: list[dict]) -> list[dict]:
+    """The records without what differs between two equal runs (timing, the run directory)."""
+    kept = []
+    for record in run_records:
+        record = {key: value for key, value in record.items() if key != "step_time"}
+        record["args"] = {key: value for key, value in record["args"].items() if key != "output_dir"}
+        kept.append(record)
+    return kept
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended early ({process.returncode})"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path):
+    run_dir, marker, release = tmp_path / "run", tmp_path / "paused", tmp_path / "release"
+    pause = [
+        "+callbacks.pause._target_=data_factories.PauseAfter",
+        "+callbacks.pause.updates=13",
+        f"+callbacks.pause.marker={marker}",
+        f"+callbacks.pause.release={release}",
+    ]
+    command = [sys.executable, "train.py", *FAST, *OPTIONS, *pause, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}
+    with (tmp_path / "first.out").open("w") as out, (tmp_path / "first.err").open("w") as err:
+        first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err)
+        try:
+            wait_for(marker, first)  # 13 updates done, records 0 and 10 written, the run holds its directory
+
+            # A second launch of the same command while the first runs: refused, the directory named.
+            second = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2
+            assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second.stderr
+            assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+
+            first.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+            release.touch()
+            first.wait(timeout=300)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    stdout, stderr = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
+    assert first.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
+    assert "SIGTERM received: the run stopped after 13 updates" in stderr and "Traceback" not in stderr
+    lines = stdout.strip().splitlines()
+    assert lines[0] == f"fishr-train: run directory {run_dir}"
+    assert lines[-1] == f"fishr-train: run directory {run_dir} (preempted, not finished)"
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 10]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 13  # the step reached, not the last record's
+
+    # The same command line again (ckpt_path: auto): it resumes at update 14 and finishes.
+    resumed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert (run_dir / "done").exists() and not (run_dir / "checkpoints").exists()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    threads = torch.get_num_threads()
+    try:
+        assert run_app(monkeypatch, uninterrupted, *OPTIONS) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["step"] for r in records(run_dir)] == [0, 10, 20, 24]
+    # Accuracies, losses averaged since the previous record, penalty, epoch, hparams, args: all equal.
+    assert comparable(records(run_dir)) == comparable(records(uninterrupted))
+    expected = torch.load(uninterrupted / "model.pt", weights_only=True)["state_dict"]
+    for name, tensor in torch.load(run_dir / "model.pt", weights_only=True)["state_dict"].items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+
+
+def test_sigusr1_in_process_saves_the_step_and_exits_with_128_plus_its_number(monkeypatch, tmp_path, capsys):
+    """SIGUSR1 (Lightning's SLURM requeue signal; SIGUSR2 is submitit's) as SIGTERM: the step reached
+    saved, no ``done``, status 128 + 10; the handlers are Lightning's originals again afterwards."""
+    before = signal.getsignal(signal.SIGUSR1)
+    signal_once = [
+        "+callbacks.preempt._target_=data_factories.SignalAfter",
+        "+callbacks.preempt.updates=3",
+        f"+callbacks.preempt.once_file={tmp_path / 'once'}",
+        "+callbacks.preempt.signal_name=SIGUSR1",
+    ]
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=6", "checkpoint_freq=2", *signal_once) == 138
+    assert "SIGUSR1 received: the run stopped after 3 updates" in capsys.readouterr().err
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 2]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=6", "checkpoint_freq=2", *signal_once) == 0
+    assert [r["step"] for r in records(run_dir)] == [0, 2, 4, 5] and (run_dir / "done").exists()
+
+
+def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
+    """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
+    yet): Lightning would end the fit with status 0; the run saves its first step and exits 143."""
+    from fishr_lightning.app.data.datamodule import DomainBedDataModule
+
+    original = DomainBedDataModule.train_dataloader
+
+    def terminated_while_building(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(DomainBedDataModule, "train_dataloader", terminated_while_building)
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=4", "checkpoint_freq=2") == 128 + signal.SIGTERM
+    assert "SIGTERM received: the run stopped after 1 update (" in capsys.readouterr().err
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0]
+
+
+def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = (
+        "import os, signal, sys; from pathlib import Path\n"
+        "from fishr_lightning.app.training.run_directory import run_directory_lock\n"
+        "with run_directory_lock(Path(sys.argv[1])):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", holder, str(run_dir)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL and (run_dir / ".lock").exists()
+    with run_directory_lock(run_dir):  # what a requeued run does: the dead process's lock is gone
+        pass
+
+
+def test_a_lock_held_in_this_process_refuses_with_the_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    with run_directory_lock(run_dir):
+        try:
+            with run_directory_lock(run_dir):
+                raise AssertionError("a second holder got the lock")
+        except AppError as error:
+            assert f"Another process is running in {run_dir} (pid {os.getpid()} on " in str(error)
+
+
+def test_garbage_and_incompatible_checkpoints_are_named_with_what_to_do(monkeypatch, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    garbage = run_dir / "checkpoints" / "last.ckpt"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"PK\x03\x04 not a checkpoint" * 10)
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2") == 2  # ckpt_path: auto finds it
+    err = capsys.readouterr().err
+    assert f"error: The checkpoint {garbage} cannot be resumed: it is not a readable checkpoint" in err
+    assert f"rm {garbage}" in err and "ckpt_path=null" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    # A checkpoint of another model (backbone.width=32): the weights do not fit.
+    other = tmp_path / "other"
+    assert run_app(monkeypatch, other, *SMALL_SYNTHETIC, "steps=2", "save_model=full", "backbone.width=32") == 0
+    capsys.readouterr()
+    status = run_app(monkeypatch, tmp_path / "third", *SMALL_SYNTHETIC, "steps=3", f"ckpt_path={other / 'model.ckpt'}")
+    err = capsys.readouterr().err
+    assert status == 2 and f"The checkpoint {other / 'model.ckpt'} cannot be resumed: its weights do not fit" in err
+
+    # ckpt_path=null starts afresh beside the garbage file.
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "ckpt_path=null") == 0
+    assert [r["step"] for r in records(run_dir)] == [0, 1]
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    status = run_app(monkeypatch, tmp_path / "run", *SMALL_SYNTHETIC, "steps=2", "ckpt_path=last")
+    err = capsys.readouterr().err
+    assert status == 2 and f"ckpt_path=last: {tmp_path / 'run'} holds no checkpoint" in err
+    assert "hydra.run.dir=<that run's directory>" in err and not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_a_finished_run_is_skipped_only_for_the_same_settings(monkeypatch, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "algorithm=fishr") == 0
+    before = (run_dir / "results.jsonl").read_text()
+    capsys.readouterr()
+    # Other loader workers, progress lines and save_model do not change the results: skipped.
+    same = ["loader.num_workers=0", "progress.every=7", "save_model=none"]
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "algorithm=fishr", *same) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir} holds a finished run (done); skipping it" in out
+    assert out.strip().splitlines()[-1] == f"fishr-train: run directory {run_dir} (skipped)"
+    # Another algorithm: a clear error, the finished run untouched.
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "algorithm=erm") == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {run_dir} holds a finished run with other settings (args.algorithm: recorded 'Fishr', now 'ERM'" in err
+    )
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (run_dir / "results.jsonl").read_text() == before
+    # ckpt_path=null: a fresh start in the same directory, replacing the old records.
+    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "algorithm=erm", "ckpt_path=null") == 0
+    assert {r["args"]["algorithm"] for r in records(run_dir)} == {"ERM"}
+
+
+def test_unknown_top_level_keys_are_refused_with_the_known_ones(monkeypatch, tmp_path, capsys):
+    status = run_app(monkeypatch, tmp_path / "run", "+stpes=100")
+    err = capsys.readouterr().err
+    assert status == 2 and "error: Unknown option stpes: the app reads none of it" in err
+    assert "did you mean steps=100?" in err and "checkpoint_freq, ckpt_path, data, data_dir" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_steps_that_go_back_are_flagged_by_collect(tmp_path, capsys):
+    from fishr_lightning.app.reporting import collect
+
+    run_dir = tmp_path / "sweep" / "run"
+    run_dir.mkdir(parents=True)
+    record = {
+        "args": {"dataset": "Synthetic", "algorithm": "ERM", "test_envs": [0], "hparams_seed": 0, "trial_seed": 0}
+    }
+    record.update({f"env{i}_{s}_acc": 0.5 for i in range(3) for s in ("in", "out")})
+    lines = [json.dumps({**record, "step": step}) for step in (0, 150, 300, 150, 300)]  # two writers interleaved
+    (run_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "done").write_text("done")
+    assert collect.main([str(tmp_path / "sweep")]) != 0
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'results.jsonl'}:4: step 150 follows step 300" in err
