@@ -1,4 +1,4 @@
-"""Regenerate the documentation's figures from real runs of the training app (about a minute on 2 CPU cores).
+"""Regenerate the documentation's figures and measured tables from real runs of the training app (about 3 minutes on 2 CPU cores).
 
     python docs/figures/make_figures.py            # writes docs/figures/*.png
     python docs/figures/make_figures.py --keep DIR  # also keep the runs under DIR
@@ -7,7 +7,10 @@ What it runs, all on the embedded synthetic dataset (no download, CPU):
 
 1. a sweep ``+sweep=tiny`` lengthened to the dataset's default 1500 steps with DomainBed's default
    hyperparameters (``hparams_seed=0``): ERM and Fishr, two trials each (4 runs);
-2. one ERM and one Fishr run with ``+callbacks=hessian_alignment`` (every 50 steps).
+2. one ERM and one Fishr run with ``+callbacks=hessian_alignment`` (every 50 steps);
+3. the main job, ``python train.py``, whose closing table the Getting started page shows;
+4. ERM and Fishr with ``averaging=swad``, seeds 0, 1, 2 (6 runs, two at a time), for the table of the
+   weight-averaging page.
 
 and writes, with the package's own plotting code wherever it exists:
 
@@ -18,7 +21,10 @@ and writes, with the package's own plotting code wherever it exists:
 - ``collect_run_fishr.png``: ``fishr-collect --plots``'s per-run plot of the Fishr run (penalty and
   every domain's accuracy);
 - ``collect_synthetic_oracle.png`` and ``collect_synthetic_training_domain.png``: ``fishr-collect --plots``'s
-  result-table plots (test accuracy per algorithm, mean ± standard error over the two trials).
+  result-table plots (test accuracy per algorithm, mean ± standard error over the two trials);
+- ``main_job.txt``: the main job's closing lines, included by ``docs/index.md``;
+- ``averaging_table.txt``: the test domain's accuracy with and without SWAD over three seeds, included by
+  ``docs/averaging.md``.
 """
 
 from __future__ import annotations
@@ -72,6 +78,43 @@ def plot_erm_vs_fishr(erm_run: Path, fishr_run: Path, path: Path) -> None:
     figure.savefig(path, dpi=DPI)
 
 
+def write_main_job(python: str, run_dir: Path, path: Path) -> None:
+    """The main job's closing table (from ``Accuracy at step`` to the baseline's line) and its wall time."""
+    started = time.perf_counter()
+    output = subprocess.run(
+        [python, "train.py", f"hydra.run.dir={run_dir}"], cwd=REPOSITORY, check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    seconds = time.perf_counter() - started
+    first = max(i for i, line in enumerate(output) if line.startswith("Accuracy at step"))
+    last = next(i for i, line in enumerate(output) if line.startswith("Baseline:"))
+    path.write_text("\n".join(output[first : last + 1]) + "\n")
+    print(f"  main job: {seconds:.0f} s")
+
+
+AVERAGING_SEEDS = (0, 1, 2)
+
+
+def write_averaging_table(runs: Path, path: Path) -> None:
+    """Test domain 0's in-split accuracy of runs ``{erm,fishr}_{seed}`` (``results.jsonl``'s last record,
+    ``averaged.jsonl``'s SWAD record): per seed, and mean ± standard error as DomainBed's tables
+    (``np.std`` over seeds / √n)."""
+    import json
+
+    import numpy as np
+
+    def accuracy(file: Path) -> float:
+        return 100 * json.loads(file.read_text().splitlines()[-1])["env0_in_acc"]
+
+    lines = ["| algorithm | seeds 0 / 1 / 2 | mean |", "| --- | --- | --- |"]
+    for name, algorithm in (("ERM", "erm"), ("Fishr", "fishr")):
+        for label, file in ((name, "results.jsonl"), (f"{name} + SWAD", "averaged.jsonl")):
+            values = np.array([accuracy(runs / f"{algorithm}_{seed}" / file) for seed in AVERAGING_SEEDS])
+            error = values.std() / np.sqrt(len(values))
+            per_seed = " / ".join(f"{value:.1f}" for value in values)
+            lines.append(f"| {label} | {per_seed} | {values.mean():.1f} ± {error:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
@@ -121,6 +164,19 @@ def main() -> None:
     for table_plot in sorted(plots.glob("*.png")):
         method = table_plot.stem.split("_", 1)[1]
         shutil.copyfile(table_plot, output / f"collect_synthetic_{method}.png")
+
+    write_main_job(python, work / "main_job", output / "main_job.txt")
+    averaging_runs = work / "averaging"
+    commands = [
+        [python, "train.py", f"algorithm={algorithm}", "averaging=swad", f"seed={seed}", f"trial_seed={seed}",
+         f"hydra.run.dir={averaging_runs / f'{algorithm}_{seed}'}"]
+        for seed in AVERAGING_SEEDS for algorithm in ("erm", "fishr")
+    ]  # fmt: skip
+    for pair in range(0, len(commands), 2):  # two runs at a time: one per core
+        running = [subprocess.Popen(c, cwd=REPOSITORY, stdout=subprocess.DEVNULL) for c in commands[pair : pair + 2]]
+        if any(process.wait() for process in running):
+            raise SystemExit("an averaging run failed")
+    write_averaging_table(averaging_runs, output / "averaging_table.txt")
 
     print(f"Figures in {output} ({time.perf_counter() - started:.0f} s):")
     for png in sorted(output.glob("*.png")):
