@@ -132,16 +132,38 @@ def test_irm_and_vrex_weigh_one_before_annealing_then_lambda():
         assert callback.schedule.last_reset_step == ANNEAL  # Adam re-created at the annealing step
 
 
-def test_groupdro_q_is_saved_and_restored(tmp_path):
-    data = dataset()
-    callback = GroupDROCallback(0.5)
-    trainer = fit(DomainClassifier(), [callback], data)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
+def test_groupdro_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tmp_path):
+    """GroupDRO's q carries over steps: it is saved with the checkpoint, and a run resumed after epoch 1
+    of 2 (three steps each) ends on the uninterrupted run's weights and q."""
+    data = dataset(steps=3)
+    loader = DataLoader(data, batch_size=E * B, shuffle=False)
+    uninterrupted, uninterrupted_callback = DomainClassifier(), GroupDROCallback(0.5)
+    fit(uninterrupted, [uninterrupted_callback], data, loader, max_steps=-1, max_epochs=2)
+
+    first_epoch, callback = DomainClassifier(), GroupDROCallback(0.5)
+    trainer = fit(first_epoch, [callback], data, loader, max_steps=-1, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     q = callback.q.clone()
     assert q.sum().item() == pytest.approx(1.0) and not torch.allclose(q, torch.full_like(q, 1 / E))
-    restored = GroupDROCallback(0.5)
-    restored.load_state_dict(torch.load(tmp_path / "run.ckpt", weights_only=False)["callbacks"][restored.state_key])
-    torch.testing.assert_close(restored.q, q)
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)["callbacks"][callback.state_key]
+    torch.testing.assert_close(saved["q"], q)
+
+    resumed, resumed_callback = DomainClassifier(), GroupDROCallback(0.5)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="64-true",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[resumed_callback],
+    )
+    trainer.fit(resumed, loader, ckpt_path=tmp_path / "epoch1.ckpt")
+    for a, b in zip(resumed.parameters(), uninterrupted.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(resumed_callback.q, uninterrupted_callback.q, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(resumed_callback.q, q)  # q moved on after the resume
 
 
 def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
