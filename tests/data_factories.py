@@ -136,13 +136,26 @@ class SignalAfter(Callback):
         self.updates, self.once_file, self.signal_name = updates, Path(once_file), signal_name
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step != self.updates:
-            return
+        if trainer.global_step == self.updates:
+            self.send_once()
+
+    def send_once(self) -> None:
         try:
             self.once_file.open("x").close()
         except FileExistsError:
             return
         os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class SignalAtTrainEnd(SignalAfter):
+    """``SignalAfter``'s signal during ``on_train_end``, after the last update (where SWAD's BatchNorm
+    update and the averaged evaluation run)."""
+
+    def __init__(self, once_file: str, signal_name: str = "SIGTERM") -> None:
+        super().__init__(-1, once_file, signal_name)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.send_once()
 
 
 # -- photo-like images of every kind the image-folder datasets hold (issue 20's fidelity tests) ------

@@ -125,6 +125,31 @@ def test_sigusr1_in_process_saves_the_step_and_exits_with_128_plus_its_number(mo
     assert [r["step"] for r in records(run_dir)] == [0, 2, 4, 5] and (run_dir / "done").exists()
 
 
+def test_a_signal_after_the_last_update_stops_at_once_and_the_rerun_redoes_the_final_work(
+    monkeypatch, tmp_path, capsys
+):
+    """No resume checkpoint past the last update (resumed from there, Lightning would skip on_train_end:
+    no averaged model, a raw model.pt marked done); a signal during the final work stops the run at once,
+    and the same command resumes from the last record's checkpoint and does that work."""
+    signal_at_end = [
+        "+callbacks.preempt._target_=data_factories.SignalAtTrainEnd",
+        f"+callbacks.preempt.once_file={tmp_path / 'once'}",
+        "+callbacks.preempt.signal_name=SIGUSR1",
+    ]
+    run_dir = tmp_path / "run"
+    options = [*SMALL_SYNTHETIC, "steps=6", "checkpoint_freq=2", "averaging=ema", *signal_at_end]
+    assert run_app(monkeypatch, run_dir, *options) == 128 + signal.SIGUSR1
+    assert "SIGUSR1 received: the run stopped after 6 updates (during the work after the last update" in (
+        capsys.readouterr().err
+    )
+    assert not (run_dir / "done").exists()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+    (run_dir / "averaged.jsonl").unlink()  # written before the signal (callbacks' order): the rerun writes it again
+    assert run_app(monkeypatch, run_dir, *options) == 0
+    assert [r["step"] for r in records(run_dir)] == [0, 2, 4, 5] and (run_dir / "done").exists()
+    assert json.loads((run_dir / "averaged.jsonl").read_text())["step"] == 5
+
+
 def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
     """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
     yet): Lightning would end the fit with status 0; the run saves its first step and exits 143."""

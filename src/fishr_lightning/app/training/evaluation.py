@@ -80,7 +80,7 @@ def last_penalty(trainer: pl.Trainer) -> float | None:
 
 
 class DomainBedEvaluation(Callback):
-    """Evaluates and records at DomainBed's steps; saves ``resume_checkpoint`` after each record.
+    """Evaluates and records at DomainBed's steps; saves ``resume_checkpoint`` after each record but the last.
 
     Args:
         datamodule: gives the evaluation loader (``eval_loader``) and the splits' names.
@@ -147,7 +147,10 @@ class DomainBedEvaluation(Callback):
             self.writer.write(record)
             self.print(trainer, self.writer.table_rows(record))
             self.last_record = record
-        if self.resume_checkpoint is not None:
+        # Not after the last update: a run resumed from there would skip on_train_end (Lightning's fit loop
+        # returns at once), so the averaged model, its BatchNorm statistics and model.ckpt would never be made;
+        # a run that dies during that final work resumes from the previous record instead.
+        if self.resume_checkpoint is not None and trainer.global_step < self.steps:
             # weights_only=False said explicitly: left out, Lightning 2.6 logs a line about it at every record.
             trainer.save_checkpoint(self.resume_checkpoint, weights_only=False)  # every rank: ends in a barrier
 

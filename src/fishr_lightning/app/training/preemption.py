@@ -36,7 +36,11 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: Any = None) -> None:
         self.signum, self.step, self.checkpoint, self.requeue = signum, step, checkpoint, requeue
         name = signal.Signals(signum).name
-        saved = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint saved"
+        saved = (
+            f"saved {checkpoint}"
+            if checkpoint is not None
+            else "during the work after the last update; it resumes from the last record's checkpoint"
+        )
         super().__init__(
             f"{name} received: the run stopped after {step} update{'' if step == 1 else 's'} ({saved}); it is not finished (no 'done'). "
             "The same command resumes it from there (ckpt_path: auto)."
@@ -77,12 +81,18 @@ class Preemption(Callback):
         self.received: int | None = None
         self._trainer: pl.Trainer | None = None
         self._replaced: dict[int, Any] = {}
+        self._training_over = False  # the last update is done: a signal now stops the run at once
         # Before Lightning registers its own handlers: the launcher's (submitit's) or the defaults.
         self.requeue = submitit_requeue_handler()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = signum
+        if self._training_over and first:
+            # After the last update no step end comes to act on it: stop now (SWAD's BatchNorm update or the
+            # averaged evaluation can take minutes). Nothing is saved: a checkpoint past the last update would
+            # skip that work on resume; the last record's checkpoint resumes the run.
+            raise Preempted(signum, self._trainer.global_step if self._trainer else 0, None, self.requeue)
         launcher = self._trainer.strategy.launcher if self._trainer is not None else None
         if first and launcher is not None and hasattr(launcher, "kill"):
             launcher.kill(signum)  # the ranks Lightning started in subprocesses get it too (as Lightning does)
@@ -90,6 +100,7 @@ class Preemption(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning's _SignalConnector registered its handlers (it restores what it found at the end).
         self._trainer = trainer
+        self._training_over = False
         if trainer.received_sigterm:  # between Lightning's registration and now: Lightning's handler noted it
             self.received = signal.SIGTERM
         for signum in PREEMPTION_SIGNALS:
@@ -102,11 +113,14 @@ class Preemption(Callback):
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        last_update = 0 < trainer.max_steps <= trainer.global_step
         if not stop:
+            self._training_over = last_update
             return
-        if self.resume_checkpoint is not None:
-            trainer.save_checkpoint(self.resume_checkpoint, weights_only=False)  # every rank: ends in a barrier
-        raise Preempted(self.received or signal.SIGTERM, trainer.global_step, self.resume_checkpoint, self.requeue)
+        checkpoint = None if last_update else self.resume_checkpoint  # see _note: none past the last update
+        if checkpoint is not None:
+            trainer.save_checkpoint(checkpoint, weights_only=False)  # every rank: ends in a barrier
+        raise Preempted(self.received or signal.SIGTERM, trainer.global_step, checkpoint, self.requeue)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's _SignalConnector already restored the handlers it found (also after an exception);
@@ -116,3 +130,4 @@ class Preemption(Callback):
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._replaced = {}
         self._trainer = None
+        self._training_over = False
