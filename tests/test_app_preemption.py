@@ -271,3 +271,33 @@ def test_steps_that_go_back_are_flagged_by_collect(tmp_path, capsys):
     assert collect.main([str(tmp_path / "sweep")]) != 0
     err = capsys.readouterr().err
     assert f"{run_dir / 'results.jsonl'}:4: step 150 follows step 300" in err
+
+
+def test_under_slurm_lightnings_requeue_signal_requeues_the_job_as_lightning_would(monkeypatch):
+    """Preemption takes over SIGUSR1, the signal of Lightning's SLURM auto-requeue (sbatch --signal=USR1@90):
+    so it requeues the job itself (scontrol requeue, from rank 0) before exiting with 128 + 10."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from fishr_lightning.app.training import preemption
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fishr", "SLURM_JOB_ID": "4242"}.items():
+        monkeypatch.setenv(name, value)
+    rank0 = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0)  # a single-device strategy: no environment
+    assert preemption.slurm_job_to_requeue(rank0, signal.SIGUSR1) == "4242"
+    assert preemption.slurm_job_to_requeue(rank0, signal.SIGTERM) is None  # not Lightning's requeue signal
+    assert preemption.slurm_job_to_requeue(SimpleNamespace(strategy=SimpleNamespace(), global_rank=1), 10) is None
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert preemption.slurm_job_to_requeue(rank0, signal.SIGUSR1) == "77_3"
+
+    calls = []
+    monkeypatch.setattr(
+        preemption.subprocess, "run", lambda command, **_: calls.append(command) or SimpleNamespace(returncode=0)
+    )
+    with pytest.raises(SystemExit) as exit_:
+        preemption.Preempted(signal.SIGUSR1, 3, None, slurm_job="77_3").hand_over()
+    assert exit_.value.code == 128 + signal.SIGUSR1 and calls == [["scontrol", "requeue", "77_3"]]
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert preemption.slurm_job_to_requeue(rank0, signal.SIGUSR1) is None  # not a SLURM job

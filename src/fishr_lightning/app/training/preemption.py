@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
@@ -33,8 +35,11 @@ PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR
 class Preempted(Exception):
     """The run was asked to stop by ``signum`` and saved ``checkpoint`` at ``step`` updates."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: Any = None) -> None:
+    def __init__(
+        self, signum: int, step: int, checkpoint: Path | None, requeue: Any = None, slurm_job: str | None = None
+    ) -> None:
         self.signum, self.step, self.checkpoint, self.requeue = signum, step, checkpoint, requeue
+        self.slurm_job = slurm_job  # requeue this SLURM job (Lightning's auto-requeue), from rank 0
         name = signal.Signals(signum).name
         saved = (
             f"saved {checkpoint}"
@@ -50,7 +55,26 @@ class Preempted(Exception):
         """Requeue through the launcher that started the run (submitit), else exit with 128 + signum."""
         if self.requeue is not None:
             self.requeue(self.signum, None)  # submitit: checkpoint() re-submits the job, then exits
+        elif self.slurm_job is not None:
+            # What Lightning's SLURM handler (auto_requeue, whose signal Preemption took over) does.
+            result = subprocess.run(["scontrol", "requeue", self.slurm_job], capture_output=True, text=True)
+            outcome = "requeued" if result.returncode == 0 else f"not requeued ({result.stderr.strip()})"
+            print(f"fishr-train: SLURM job {self.slurm_job} {outcome}.", file=sys.stderr, flush=True)
         sys.exit(128 + self.signum)
+
+
+def slurm_job_to_requeue(trainer: pl.Trainer, signum: int) -> str | None:
+    """The SLURM job to requeue on ``signum``, as Lightning's ``SLURMEnvironment(auto_requeue=True)`` would
+    (its ``requeue_signal``, SIGUSR1 by default; ``sbatch --signal=USR1@90``), from global rank 0 only."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if not isinstance(environment, SLURMEnvironment):
+        if not SLURMEnvironment.detect():
+            return None
+        environment = SLURMEnvironment()  # the single-device strategies hold none: Lightning's defaults
+    if not environment.auto_requeue or signum != environment.requeue_signal or trainer.global_rank != 0:
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
 
 
 def submitit_requeue_handler() -> Any:
@@ -92,7 +116,10 @@ class Preemption(Callback):
             # After the last update no step end comes to act on it: stop now (SWAD's BatchNorm update or the
             # averaged evaluation can take minutes). Nothing is saved: a checkpoint past the last update would
             # skip that work on resume; the last record's checkpoint resumes the run.
-            raise Preempted(signum, self._trainer.global_step if self._trainer else 0, None, self.requeue)
+            trainer = self._trainer
+            step = trainer.global_step if trainer is not None else 0
+            slurm_job = slurm_job_to_requeue(trainer, signum) if trainer is not None else None
+            raise Preempted(signum, step, None, self.requeue, slurm_job)
         launcher = self._trainer.strategy.launcher if self._trainer is not None else None
         if first and launcher is not None and hasattr(launcher, "kill"):
             launcher.kill(signum)  # the ranks Lightning started in subprocesses get it too (as Lightning does)
@@ -120,7 +147,8 @@ class Preemption(Callback):
         checkpoint = None if last_update else self.resume_checkpoint  # see _note: none past the last update
         if checkpoint is not None:
             trainer.save_checkpoint(checkpoint, weights_only=False)  # every rank: ends in a barrier
-        raise Preempted(self.received or signal.SIGTERM, trainer.global_step, checkpoint, self.requeue)
+        signum = self.received or signal.SIGTERM
+        raise Preempted(signum, trainer.global_step, checkpoint, self.requeue, slurm_job_to_requeue(trainer, signum))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's _SignalConnector already restored the handlers it found (also after an exception);
