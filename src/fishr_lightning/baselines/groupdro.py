@@ -62,6 +62,12 @@ class GroupDROCallback(DomainPenaltyCallback):
         self.q: Tensor | None = None
         self._domain_losses_E: Tensor | None = None
 
+    @property
+    def last_penalty(self) -> float | None:
+        """``None``: GroupDRO has no penalty; its robust loss (logged as ``groupdro/penalty``) replaces the
+        loss, and DomainBed's GroupDRO records only ``loss``, so a record gets no ``penalty`` from it."""
+        return None
+
     def reset_state(self) -> None:
         super().reset_state()
         self.q = None
