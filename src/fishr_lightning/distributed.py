@@ -57,6 +57,34 @@ class _DifferentiableSum(torch.autograd.Function):
         return grad
 
 
+class _DifferentiableGather(torch.autograd.Function):
+    """``all_gather`` of equal-sized tensors, concatenated in rank order, with the backward of a gather:
+    the gradients of every rank's output summed, this rank's rows returned."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> Tensor:
+        grad = grad_output.contiguous().clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def differentiable_all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks; its backward sums the gradient over ranks too."""
+    return _DifferentiableSum.apply(tensor)
+
+
+def differentiable_all_gather(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` (same shape on every rank) concatenated in rank order, differentiably."""
+    return _DifferentiableGather.apply(tensor)
+
+
 def all_reduce_max(value: Tensor) -> Tensor:
     """The maximum of ``value`` over all ranks (no gradient)."""
     value = value.detach().clone()

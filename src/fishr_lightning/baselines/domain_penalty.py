@@ -22,9 +22,7 @@ from fishr_lightning.head_penalty import HeadPenaltyCallback
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over all ranks, differentiably: its backward sums the gradient over ranks,
     and DDP's average then gives the single-process gradient (``shared/DESIGN.md``, "Under DDP")."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return distributed.differentiable_all_reduce_sum(tensor)
 
 
 def ranks_before(count_E: Tensor) -> Tensor:

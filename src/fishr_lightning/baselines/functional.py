@@ -7,7 +7,7 @@ DomainBed feeds one minibatch per domain; here domain ``e``'s minibatch is the s
 ``e``, in batch order. No Lightning import: the callbacks of ``fishr_lightning.baselines`` wrap this.
 
 Data-parallel training: the per-domain statistics are sums, and each function that takes a
-``reduce`` argument (a differentiable sum over ranks, e.g. ``torch.distributed.nn.all_reduce``)
+``reduce`` argument (a differentiable sum over ranks, e.g. ``distributed.differentiable_all_reduce_sum``)
 returns the value of the global batch, the ranks' samples concatenated rank after rank. The
 collective's backward sums the gradient over ranks and DDP averages it, which together give the
 single-process gradient (the same argument as Fishr's, ``shared/DESIGN.md``). MMD's kernel is over
@@ -202,7 +202,7 @@ def mmd_penalty(
 
     One kernel matrix over the whole batch, then its per-domain block means ``[E, E]``: the same
     numbers as DomainBed's pair-by-pair kernels, without computing each domain's own block ``E−1`` times.
-    Under DDP pass the gathered global batch (``torch.distributed.nn.all_gather``).
+    Under DDP pass the gathered global batch (``distributed.differentiable_all_gather``).
     """
     one_hot_NE = domain_one_hot(domains_N, num_domains, features_ND.dtype)
     count_E = one_hot_NE.sum(dim=0)

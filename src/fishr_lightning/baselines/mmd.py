@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fishr_lightning import distributed
 from fishr_lightning.baselines.domain_penalty import DomainPenaltyCallback
 from fishr_lightning.baselines.functional import mmd_penalty
 from fishr_lightning.functional import FishrInputError
@@ -15,8 +16,6 @@ from fishr_lightning.schedule import FishrSchedule
 def gather_from_ranks(features_ND: Tensor, domains_N: Tensor) -> tuple[Tensor, Tensor]:
     """The global batch, ranks concatenated in order; the features differentiably (the gathered tensor's
     backward sums the gradient over ranks, and DDP's average then gives the single-process gradient)."""
-    from torch.distributed.nn.functional import all_gather
-
     world_size = torch.distributed.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.long, device=domains_N.device) for _ in range(world_size)]
     torch.distributed.all_gather(sizes, torch.tensor([len(domains_N)], device=domains_N.device))
@@ -28,7 +27,7 @@ def gather_from_ranks(features_ND: Tensor, domains_N: Tensor) -> tuple[Tensor, T
         )
     domains = [torch.empty_like(domains_N) for _ in range(world_size)]
     torch.distributed.all_gather(domains, domains_N.contiguous())
-    return torch.cat(all_gather(features_ND.contiguous())), torch.cat(domains)
+    return distributed.differentiable_all_gather(features_ND), torch.cat(domains)
 
 
 class MMDCallback(DomainPenaltyCallback):
