@@ -301,3 +301,21 @@ def test_under_slurm_lightnings_requeue_signal_requeues_the_job_as_lightning_wou
     assert exit_.value.code == 128 + signal.SIGUSR1 and calls == [["scontrol", "requeue", "77_3"]]
     monkeypatch.delenv("SLURM_NTASKS")
     assert preemption.slurm_job_to_requeue(rank0, signal.SIGUSR1) is None  # not a SLURM job
+
+
+def test_a_resume_over_a_dataset_whose_readable_images_changed_is_refused(tmp_path):
+    """One more or one fewer readable image draws other in/out splits: the resumed records would follow
+    the old ones in the same results.jsonl, so the resume is refused (checked once the data is read)."""
+    import pytest
+
+    from fishr_lightning.app.training.run_directory import check_same_images
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = {"dataset": "PACS", "algorithm": "ERM", "test_envs": [3], "hparams_seed": 0, "trial_seed": 0}
+    accuracies = {f"env{env}_{split}_acc": 0.5 for env in range(4) for split in ("in", "out")}
+    record = {"step": 0, **accuracies, "args": {**args, "skipped_images": 1}}
+    (run_dir / "results.jsonl").write_text(json.dumps(record) + "\n")
+    check_same_images(run_dir, 1)
+    with pytest.raises(AppError, match=r"left 1 unreadable image\(s\) out, and the dataset now gives 0"):
+        check_same_images(run_dir, 0)

@@ -54,6 +54,7 @@ from fishr_lightning.app.training.run_directory import (
     RESUME_CHECKPOINT,
     check_checkpoint,
     check_ckpt_path_option,
+    check_same_images,
     resume_decision,
     run_directory_lock,
 )
@@ -200,6 +201,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         pipeline=pipeline,
         decode=decode,
     )
+    if ckpt_path is not None:
+        check_same_images(run_dir, len(data.skipped_images))
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     # The algorithm's own module options (configs/algorithm/*.yaml `module:`): Mixup, one forward per domain.
     module_node = cfg.algorithm.get("module")

@@ -30,6 +30,7 @@ FINISHED = "finished"  # resume_decision's answer for a finished run of the same
 
 # Recorded ``args`` that do not change a run's results: a run re-launched with other values of these
 # (another data_dir mount, more processes, another save_model) is the same run.
+# skipped_images is known only once the data is read: check_same_images compares it before a resume.
 ARGS_THAT_DO_NOT_CHANGE_RESULTS = frozenset(
     {"output_dir", "data_dir", "ckpt_path", "save_model", "world_size", "skipped_images"}
 )
@@ -115,6 +116,21 @@ def check_same_run(run_dir: Path, args: dict[str, Any], hparams: dict[str, Any],
         f"overrides), or delete {run_dir / RESULTS_FILE} to replace the old run, or pass ckpt_path=null to "
         "start afresh in this directory."
     )
+
+
+def check_same_images(run_dir: Path, skipped_images: int) -> None:
+    """A resumed run reads the images its records were made with: one more or one fewer readable file
+    (a repaired or half-copied dataset, ``data.skip_broken_images``) draws other in/out splits, whose
+    records would follow the old ones in the same ``results.jsonl``."""
+    records = read_records(run_dir)
+    recorded = records[-1].get("args", {}).get("skipped_images") if records else None
+    if recorded is not None and recorded != skipped_images:
+        raise AppError(
+            f"{run_dir} holds a run that left {recorded} unreadable image(s) out, and the dataset now gives "
+            f"{skipped_images}: its files changed, so the in/out splits would too, and the records would mix "
+            "two datasets. Restore the dataset as the run read it, or start afresh (ckpt_path=null, or another "
+            "hydra.run.dir)."
+        )
 
 
 def resume_decision(run_dir: Path, ckpt_path: str | None, args: dict[str, Any], hparams: dict[str, Any]) -> str | None:
