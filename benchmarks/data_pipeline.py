@@ -1,26 +1,32 @@
 """How many images per second per CPU core each image pipeline prepares (issue 20), at each DomainBed
-dataset's typical image size, on generated photo-like JPEGs; how close the fast pipeline's tensors are to
-DomainBed's; and the training images/s of ``python train.py`` end to end with a tiny backbone.
+dataset's typical image size, on generated photo-like JPEGs, and over JPEG densities at one size; how close
+the fast pipeline's tensors are to DomainBed's; and the training images/s of ``python train.py`` end to end
+with a tiny backbone.
 
     python benchmarks/data_pipeline.py [--sizes pacs domain_net office_home terra_incognita] [--images 8]
-        [--repeats 3] [--batch 96] [--device cpu|cuda] [--end-to-end pacs terra_incognita]
-        [--e2e-steps 15] [--e2e-batch 8] [--e2e-repeats 2] [--output FILE]
+        [--repeats 3] [--batch 96] [--device cpu|cuda] [--densities 75:2 85:3 90:6 95:8]
+        [--density-size terra_incognita] [--end-to-end pacs terra_incognita] [--e2e-steps 15]
+        [--e2e-batch 8] [--e2e-repeats 2] [--output FILE]
 
 - **domainbed**: ``data.pipeline=domainbed``, DomainBed's PIL path (full decode, ``RandomResizedCrop``, flip,
   ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale``, ``ToTensor``, ``Normalize``): all of it runs in
   the loader workers.
-- **fast, CPU side**: what the fast pipeline's workers do (reduced DCT decode, crop, resize to uint8).
-- **fast, whole path on the CPU**: the CPU side plus the device part (flip, jitter, grayscale, float,
-  normalise) timed on the CPU in batches of ``--batch``: a CPU-only run's cost per image.
+- **fast, CPU side**: what the fast pipeline's workers do on a GPU run (reduced DCT decode, crop, resize to
+  uint8).
+- **fast, whole path on the CPU**: what they do on a CPU-only run: the CPU side, then the device part (flip,
+  jitter, grayscale, float, normalise) on each sample (``FinishedInWorker``).
 - **device part on the GPU** (``--device cuda``): images/s of the batched device part, and of nvjpeg
   decoding (``torchvision.io.decode_jpeg(device="cuda")``) + crop and resize on the GPU, the option of
   leaving the CPU only the reading of files.
 
-Per core: one process, one thread (``torch.set_num_threads(1)``; PIL is single-threaded), best of
-``--repeats`` passes over ``--images`` files after a warm-up pass, the pipelines taking turns in each pass. "Workers for 3,000 images/s" is
-3,000 over the CPU side's images/s per core: the loader workers (cores) a GPU step of ResNet-50 in bf16
-needs. End to end: one run of ``python train.py`` per pipeline (``--e2e-steps`` updates), timed by a
-callback (``training_throughput.AppStepClock``) from the start of update 3 to the start of the last one
+Per core: each pipeline in its own process with one thread (``torch.set_num_threads(1)``; PIL is
+single-threaded), as a loader worker runs it (``PipelineWorkers``); images/s = all the images of
+``--repeats`` passes over ``--images`` files over all their time, after a warm-up pass, the pipelines taking
+turns in every pass. "Workers for 3,000 images/s" is 3,000 over the CPU side's images/s per core: the
+loader workers (cores) a GPU step of ResNet-50 in bf16 needs. Densities (``--densities QUALITY:NOISE``):
+the generator's JPEG quality and noise at ``--density-size`` (90:6, about 2 bits per pixel, is the other
+tables' files). End to end: one run of ``python train.py`` per pipeline (``--e2e-steps`` updates), timed by
+a callback (``training_throughput.AppStepClock``) from the start of update 3 to the start of the last one
 (evaluations left out): training images/s = steps × 3 domains × ``--e2e-batch`` / seconds, with the app's
 default ``loader.num_workers`` on this machine.
 """
@@ -28,6 +34,7 @@ default ``loader.num_workers`` on this machine.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +50,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import pil_loader
 
-from fishr_lightning.app.data.datamodule import default_num_workers
+from fishr_lightning.app.data.datamodule import FinishedInWorker, default_num_workers
 from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTransform, UInt8Images
 from fishr_lightning.app.data.image_folders import (
     IMAGENET_MEAN,
@@ -68,21 +76,24 @@ OUTPUT_SIZE = 224
 TARGET_IMAGES_PER_S = 3000
 
 
-def photo_like(width: int, height: int, seed: int) -> np.ndarray:
-    """Smooth colour regions, a sharp rectangle and mild noise (as ``tests/data_factories.photo_like``)."""
+def photo_like(width: int, height: int, seed: int, noise: float = 6.0) -> np.ndarray:
+    """Smooth colour regions, a sharp rectangle and Gaussian noise of standard deviation ``noise`` (as
+    ``tests/data_factories.photo_like``)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(max(height // 48, 2), max(width // 48, 2), 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
     smooth[: height // 3, width // 2 :] = 0.5 * smooth[: height // 3, width // 2 :] + 100
-    return np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    return np.clip(smooth + rng.normal(0, noise, smooth.shape), 0, 255).astype(np.uint8)
 
 
-def write_jpegs(folder: Path, width: int, height: int, count: int, first_seed: int = 0) -> list[Path]:
+def write_jpegs(
+    folder: Path, width: int, height: int, count: int, first_seed: int = 0, quality: int = 90, noise: float = 6.0
+) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
         path = folder / f"{index}.jpg"
-        Image.fromarray(photo_like(width, height, first_seed + index)).save(path, quality=90)
+        Image.fromarray(photo_like(width, height, first_seed + index, noise)).save(path, quality=quality)
         paths.append(path)
     return paths
 
@@ -98,18 +109,69 @@ def best_rate(work: Callable[[], int], repeats: int) -> float:
     return best
 
 
-def best_rates(works: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
-    """``best_rate`` of each work, the works taking turns in every repetition: on a shared machine each
-    sees the same load, so their ratios hold even when the absolute figures move."""
-    for work in works.values():
-        work()
-    best = dict.fromkeys(works, 0.0)
-    for _ in range(repeats):
-        for name, work in works.items():
-            started = time.perf_counter()
-            done = work()
-            best[name] = max(best[name], done / (time.perf_counter() - started))
-    return best
+def make_pipeline(name: str) -> Callable[[Path], object]:
+    """What a loader worker does with one file, per pipeline (``PIPELINES``)."""
+    if name == "domainbed":
+        transform = train_image_transform(OUTPUT_SIZE)
+        return lambda path: transform(pil_loader(path))
+    if name == "domainbed eval":
+        transform = eval_image_transform(OUTPUT_SIZE)
+        return lambda path: transform(pil_loader(path))
+    if name == "fast whole path":  # a CPU-only run: the device part on each sample, in the workers
+        return FinishedInWorker(FastImageTransform(OUTPUT_SIZE, True), DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD))
+    return FastImageTransform(OUTPUT_SIZE, augment=name == "fast")
+
+
+PIPELINES = ("domainbed", "domainbed eval", "fast", "fast eval", "fast whole path")
+
+
+def pipeline_worker(name: str, connection: Connection) -> None:
+    """A loader worker's loop, in its own process: for each list of paths received, the seconds it took to
+    prepare them, until ``None``."""
+    torch.set_num_threads(1)
+    pipeline = make_pipeline(name)
+    while (paths := connection.recv()) is not None:
+        started = time.perf_counter()
+        for path in paths:
+            pipeline(path)
+        connection.send(time.perf_counter() - started)
+
+
+class PipelineWorkers:
+    """One process per pipeline, as the loader's workers are: each allocator holds only its own pipeline's
+    images. (In one process shared by all the pipelines, DomainBed's best pass at TerraIncognita size came out
+    31 images/s against 23-24 sustained: its time per image is 33 or 43 ms depending on whether glibc has
+    handed its 9 MB decoded image back to the kernel and takes ~6,000 page faults to get it again, which the
+    other pipelines' allocations decide.)"""
+
+    def __init__(self, names: tuple[str, ...] = PIPELINES) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connections, self.processes = {}, []
+        for name in names:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=pipeline_worker, args=(name, theirs), daemon=True)
+            process.start()
+            self.connections[name] = ours
+            self.processes.append(process)
+
+    def steady_rates(self, paths: list[Path], passes: int) -> dict[str, float]:
+        """Images/s of each pipeline over ``paths``: all the images of ``passes`` passes over all their time,
+        after a warm-up pass, the pipelines taking turns in every pass (on a shared machine each sees the same
+        load). The total, not the best pass: what a worker sustains."""
+        seconds = dict.fromkeys(self.connections, 0.0)
+        for repeat in range(passes + 1):
+            for name, connection in self.connections.items():
+                connection.send([str(path) for path in paths])
+                elapsed = connection.recv()
+                if repeat:
+                    seconds[name] += elapsed
+        return {name: passes * len(paths) / total for name, total in seconds.items()}
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            connection.send(None)
+        for process in self.processes:
+            process.join(timeout=30)
 
 
 def synchronize(device: torch.device) -> None:
@@ -169,50 +231,69 @@ def fidelity(paths: list[Path]) -> tuple[float, float, float, float]:
     return float(evaluation.mean()), float(evaluation.max()), float(augmented.mean()), float(augmented.max())
 
 
-def per_core_rows(args: argparse.Namespace, folder: Path) -> tuple[list[str], list[str], list[str]]:
+def per_core_rows(args: argparse.Namespace, folder: Path, workers: PipelineWorkers) -> tuple[list[str], ...]:
     device = torch.device(args.device)
     speed, fidelity_rows, gpu_rows = [], [], []
     for name in args.sizes:
         width, height = SIZES[name]
         paths = write_jpegs(folder / name, width, height, args.images)
-        domainbed_train, domainbed_eval = train_image_transform(OUTPUT_SIZE), eval_image_transform(OUTPUT_SIZE)
-        fast_train, fast_eval = FastImageTransform(OUTPUT_SIZE, True), FastImageTransform(OUTPUT_SIZE, False)
-
-        def over_files(transform: Callable, load: Callable = lambda path: path, paths=paths) -> Callable[[], int]:
-            return lambda: len([transform(load(path)) for path in paths])
-
-        samples = [fast_train(paths[i % len(paths)]) for i in range(args.batch)]
-        batch = UInt8Images(torch.stack([s.pixels for s in samples]), torch.stack([s.params for s in samples]))
-        augmentation = DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD)
-        rates = best_rates(
-            {
-                "domainbed": over_files(domainbed_train, pil_loader),
-                "domainbed eval": over_files(domainbed_eval, pil_loader),
-                "cpu side": over_files(fast_train),
-                "cpu side eval": over_files(fast_eval),
-                "device part": lambda batch=batch, augmentation=augmentation: len(augmentation(batch)),
-            },
-            args.repeats,
-        )
-        domainbed, domainbed_ev, cpu_side, cpu_side_ev, device_cpu = rates.values()
-        whole = 1 / (1 / cpu_side + 1 / device_cpu)
+        rates = workers.steady_rates(paths, args.repeats)
+        domainbed, domainbed_ev, cpu_side, cpu_side_ev, whole = (rates[name] for name in PIPELINES)
         workers_db, workers_fast = TARGET_IMAGES_PER_S / domainbed, TARGET_IMAGES_PER_S / cpu_side
         speed.append(
             f"| {LABELS[name]} | {domainbed:.0f} | {cpu_side:.0f} | {cpu_side / domainbed:.2f} | {whole:.0f} | "
             f"{whole / domainbed:.2f} | {domainbed_ev:.0f} | {cpu_side_ev:.0f} | {workers_db:.0f} | {workers_fast:.0f} |"
         )
         eval_mean, eval_max, aug_mean, aug_max = fidelity(paths[: min(len(paths), 4)])
-        bits = 8 * sum(path.stat().st_size for path in paths) / (len(paths) * width * height)
         fidelity_rows.append(
-            f"| {LABELS[name]} | {bits:.2f} | {eval_mean:.2f} | {eval_max:.1f} | {aug_mean:.2f} | {aug_max:.1f} |"
+            f"| {LABELS[name]} | {bits_per_pixel(paths, width, height):.2f} | {eval_mean:.2f} | {eval_max:.1f} | "
+            f"{aug_mean:.2f} | {aug_max:.1f} |"
         )
         if device.type == "cuda":
+            fast_train = FastImageTransform(OUTPUT_SIZE, True)
+            samples = [fast_train(paths[i % len(paths)]) for i in range(args.batch)]
+            batch = UInt8Images(torch.stack([s.pixels for s in samples]), torch.stack([s.params for s in samples]))
             gpu_rows.append(
                 f"| {LABELS[name]} | {device_part_rate(batch, device, args.repeats):.0f} | "
                 f"{nvjpeg_rate(paths, args.batch, args.repeats):.0f} | {cpu_side * (os.cpu_count() or 1):.0f} |"
             )
         print(speed[-1], flush=True)
     return speed, fidelity_rows, gpu_rows
+
+
+def bits_per_pixel(paths: list[Path], width: int, height: int) -> float:
+    return 8 * sum(path.stat().st_size for path in paths) / (len(paths) * width * height)
+
+
+def jpeg_density(text: str) -> tuple[int, float]:
+    """``--densities`` items: ``QUALITY:NOISE``, a JPEG quality (1-95) and the noise's standard deviation."""
+    try:
+        quality, noise = text.split(":")
+        quality, noise = int(quality), float(noise)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not QUALITY:NOISE, e.g. 90:6 (quality 1-95, noise σ ≥ 0)"
+        ) from None
+    if not (1 <= quality <= 95 and noise >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the quality goes from 1 to 95 and the noise σ is ≥ 0")
+    return quality, noise
+
+
+def density_rows(args: argparse.Namespace, folder: Path, workers: PipelineWorkers) -> list[str]:
+    """DomainBed's and the fast CPU side's images/s at one size over JPEGs of several densities (quality,
+    noise): the fast path's floor is the entropy decoding, which grows with the bits per pixel."""
+    rows = []
+    width, height = SIZES[args.density_size]
+    for quality, noise in args.densities:
+        folder_name = f"density_{quality}_{noise:g}"
+        paths = write_jpegs(folder / folder_name, width, height, args.images, quality=quality, noise=noise)
+        rates = workers.steady_rates(paths, args.repeats)
+        rows.append(
+            f"| {quality} | {noise:g} | {bits_per_pixel(paths, width, height):.2f} | {rates['domainbed']:.0f} | "
+            f"{rates['fast']:.0f} | {rates['fast'] / rates['domainbed']:.2f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
 
 
 def write_pacs_layout(root: Path, width: int, height: int, images_per_class: int) -> Path:
@@ -298,6 +379,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=96, help="the device part's batch (3 domains × 32)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--densities",
+        nargs="*",
+        type=jpeg_density,
+        default=[(75, 2.0), (85, 3.0), (90, 6.0), (95, 8.0)],
+        metavar="QUALITY:NOISE",
+        help="JPEG quality and noise σ of the density table's files (none: no table)",
+    )
+    parser.add_argument("--density-size", choices=list(SIZES), default="terra_incognita")
     parser.add_argument("--end-to-end", nargs="*", choices=list(SIZES), default=["pacs", "terra_incognita"])
     parser.add_argument("--e2e-steps", type=int, default=15, help="updates per end-to-end run (timed: 4 to the last)")
     parser.add_argument("--e2e-batch", type=int, default=8)
@@ -305,13 +395,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        speed, fidelity_rows, gpu_rows = per_core_rows(args, Path(tmp))
-        e2e = end_to_end_rows(args, Path(tmp)) if args.end_to_end else []
+    workers = PipelineWorkers()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            speed, fidelity_rows, gpu_rows = per_core_rows(args, Path(tmp), workers)
+            densities = density_rows(args, Path(tmp), workers)
+            e2e = end_to_end_rows(args, Path(tmp)) if args.end_to_end else []
+    finally:
+        workers.close()
     lines = [
         f"Machine: {machine()}. `python benchmarks/data_pipeline.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
-        "Training images/s per core (one process, one thread); evaluation too; loader workers for 3,000 images/s:",
+        "Training images/s per core (each pipeline in its own process, one thread; all images over all time); "
+        "evaluation too; loader workers for 3,000 images/s:",
         "",
         "| images | DomainBed | fast, CPU side | × | fast, whole path on the CPU | × | DomainBed eval | fast eval, CPU side "
         "| workers: DomainBed | workers: fast |",
@@ -324,6 +420,15 @@ def main(argv: list[str] | None = None) -> str:
         "| --- | --- | --- | --- | --- | --- |",
         *fidelity_rows,
     ]
+    if densities:
+        lines += [
+            "",
+            f"Over JPEG densities at {LABELS[args.density_size]}, training images/s per core:",
+            "",
+            "| JPEG quality | noise σ | bits/pixel | DomainBed | fast, CPU side | × |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *densities,
+        ]
     if gpu_rows:
         lines += [
             "",

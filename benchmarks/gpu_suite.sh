@@ -62,7 +62,7 @@ if [ $smoke -eq 1 ]; then
     # One overhead run (its three modes at tiny sizes are tests/test_scale.py's): the GPU runs' other options.
     part overhead_16-mixed 120 "$python" benchmarks/overhead.py --device cpu --tiny --in-process --steps 1 --warmup 1 --workers 0 --modes closed_form --output "$out/overhead_16-mixed.md" &
     part training_throughput 120 "$python" benchmarks/training_throughput.py --smoke --output "$out/training_throughput.md" &
-    part data_pipeline 120 "$python" benchmarks/data_pipeline.py --device cpu --sizes pacs --images 1 --repeats 1 --batch 2 --end-to-end --output "$out/data_pipeline.md" &
+    part data_pipeline 120 "$python" benchmarks/data_pipeline.py --device cpu --sizes pacs --images 1 --repeats 1 --batch 2 --densities 90:6 --density-size pacs --end-to-end --output "$out/data_pipeline.md" &
     part evaluation 120 "$python" benchmarks/evaluation.py --images-per-class 1 --image-size 32 --evaluations 1 --workers 0 &
     wait
 else
@@ -72,7 +72,7 @@ else
     part overhead_bf16-mixed 70 "$python" benchmarks/overhead.py "${overhead[@]}" --precision bf16-mixed --output "$out/overhead_bf16-mixed.md"
     part overhead_16-mixed 35 "$python" benchmarks/overhead.py "${overhead[@]}" --precision 16-mixed --modes closed_form --output "$out/overhead_16-mixed.md"
     part training_throughput 80 "$python" benchmarks/training_throughput.py --device cuda --backbone resnet50 --precision bf16-mixed --images-per-class 2 --output "$out/training_throughput.md"
-    part data_pipeline 55 "$python" benchmarks/data_pipeline.py --device cuda --images 6 --repeats 2 --end-to-end --output "$out/data_pipeline.md"
+    part data_pipeline 55 "$python" benchmarks/data_pipeline.py --device cuda --images 6 --repeats 2 --densities --end-to-end --output "$out/data_pipeline.md"
     part evaluation 35 "$python" benchmarks/evaluation.py --device cuda --model resnet18 --images-per-class 10 --evaluations 2 --workers 0 "$workers"
     part backbones 35 "$python" benchmarks/backbones.py --device cuda --batch-size 32 --reps 3
     part backbones_channels_last_compile 60 "$python" benchmarks/backbones.py --device cuda --batch-size 32 --reps 3 --channels-last --compile --presets resnet50 convnext_tiny vit_small

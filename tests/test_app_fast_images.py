@@ -195,10 +195,36 @@ def test_the_device_part_applies_torchvisions_operations_with_each_samples_param
     params_NK[:, BRIGHTNESS : SATURATION + 1] = 0.7 + 0.6 * torch.rand(24, 3, generator=generator)
     params_NK[:, HUE] = -0.3 + 0.6 * torch.rand(24, generator=generator)
     params_NK[:, ORDER] = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float32)
-    got = augment_batch(x_NCHW.clone(), params_NK)  # in place
+    got = augment_batch(x_NCHW.clone(), params_NK)  # may change its input
     # kornia's grayscale weights are 0.299/0.587/0.114, torchvision's 0.2989/0.587/0.114.
     torch.testing.assert_close(got, torchvision_reference(x_NCHW, params_NK), atol=1e-3, rtol=0)
     assert not torch.equal(got[1], got[2])  # per-sample parameters, not one draw for the batch
+
+
+def test_the_device_part_gives_each_sample_the_same_tensor_alone_in_a_batch_or_among_unaugmented_rows():
+    """A CPU-only run finishes samples one by one in the workers (no gather, no scatter); evaluation with
+    ``eval_augmentation`` mixes augmented and plain rows: the same sample gets the same tensor every way."""
+    generator = torch.Generator().manual_seed(2)
+    x_NCHW = torch.rand(8, 3, 10, 12, generator=generator)
+    params_NK = torch.zeros(8, NUM_PARAMS)
+    params_NK[:, 0] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1.0])  # rows 1 and 4 only normalised
+    params_NK[:, FLIP] = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0.0])
+    params_NK[:, GRAY] = torch.tensor([0, 0, 1, 0, 0, 1, 0, 0.0])
+    params_NK[:, BRIGHTNESS : SATURATION + 1] = 0.7 + 0.6 * torch.rand(8, 3, generator=generator)
+    params_NK[:, HUE] = -0.3 + 0.6 * torch.rand(8, generator=generator)
+    # Rows 0, 3 and 6 share an order (one group, some flipped); the others each have their own.
+    params_NK[:, ORDER] = torch.tensor([[3, 2, 1, 0], [0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0], [0, 1, 2, 3],
+                                        [2, 3, 0, 1], [3, 2, 1, 0], [0, 2, 1, 3]], dtype=torch.float32)  # fmt: skip
+    reference = torchvision_reference(x_NCHW, params_NK)
+    reference[params_NK[:, 0] == 0] = x_NCHW[params_NK[:, 0] == 0]
+    torch.testing.assert_close(augment_batch(x_NCHW.clone(), params_NK), reference, atol=1e-3, rtol=0)
+    for row in range(8):
+        alone = augment_batch(x_NCHW[row : row + 1].clone(), params_NK[row : row + 1])
+        torch.testing.assert_close(alone, reference[row : row + 1], atol=1e-3, rtol=0)
+    same_order = [0, 3, 6]  # all augmented, in order: changed in place, no copy
+    torch.testing.assert_close(
+        augment_batch(x_NCHW[same_order].clone(), params_NK[same_order]), reference[same_order], atol=1e-3, rtol=0
+    )
 
 
 def test_the_hue_shift_equals_torchvisions_adjust_hue_on_greys_ties_and_extremes():
