@@ -145,7 +145,8 @@ class PipelineWorkers:
     other pipelines' allocations decide.)"""
 
     def __init__(self, names: tuple[str, ...] = PIPELINES) -> None:
-        context = multiprocessing.get_context("spawn")
+        # Forked, as the DataLoader forks its workers on Linux (and in a second, not a spawned process's imports).
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         self.connections, self.processes = {}, []
         for name in names:
             ours, theirs = context.Pipe()

@@ -2,10 +2,11 @@
 # Every GPU figure this project needs, in one command (issue 20): Markdown tables in one folder, within
 # 8 minutes on one H100/H200 (each part has its own time limit; a part that runs out says so in its file).
 #
-#   benchmarks/gpu_suite.sh [OUTPUT_DIR]           # on a GPU machine; default folder gpu_suite/
-#   benchmarks/gpu_suite.sh --smoke [OUTPUT_DIR]   # on the CPU, tiny sizes: checks that every part runs
+#   benchmarks/gpu_suite.sh [--tests] [OUTPUT_DIR]           # on a GPU machine; default folder gpu_suite/
+#   benchmarks/gpu_suite.sh --smoke [--tests] [OUTPUT_DIR]   # on the CPU, tiny sizes: checks that every part runs
 #
 # Parts (files in OUTPUT_DIR):
+#   gpu_tests.md (with --tests, first)            the tests marked `gpu` (pytest -m gpu), which skip without CUDA
 #   overhead_32-true.md, overhead_bf16-mixed.md   Fishr over ERM, PACS and DomainNet sizes, ResNet-50 224²,
 #                                                 closed form and BackPACK (benchmarks/overhead.py)
 #   overhead_16-mixed.md                          Fishr (closed form) in 16-mixed, against 32-true above
@@ -16,14 +17,23 @@
 #   evaluation.md                                 evaluation images/s (benchmarks/evaluation.py)
 #   backbones.md, backbones_channels_last_compile.md   the backbone presets' step times
 # Then paste the tables into BENCHMARKS.md with the machine's description (machine.md).
+#
+# On this workplace's GPU machine (the `device` tool; its image lacks a few of our dependencies): here,
+# `bash benchmarks/device_wheels.sh` (wheels into .whl/), then one `run` with carry [".whl"] and
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   && export PYTHONPATH=/tmp/site:$PWD/src PYTHON=python3 && timeout 540 bash benchmarks/gpu_suite.sh --tests gpu_suite;
+#   tar czf $OUT/gpu_suite.tgz gpu_suite
+# and timeout_s=600: one file comes back (the tool returns at most 8), with whatever parts finished in time.
 set -uo pipefail
 
 smoke=0
+tests=0
 out=gpu_suite
 for arg in "$@"; do
     case "$arg" in
         --smoke) smoke=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --tests) tests=1 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) out="$arg" ;;
     esac
 done
@@ -56,6 +66,18 @@ part() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU (smoke run)"
     echo "CPU: $cores cores usable; $("$python" -c 'import platform, torch, lightning; print(platform.processor() or platform.machine(), "torch", torch.__version__, "lightning", lightning.__version__)')"
 } > "$out/machine.md"
+
+if [ $tests -eq 1 ]; then
+    # The files that hold tests marked gpu (tests/test_gpu_suite.py checks that every CUDA-only test is marked),
+    # so that pytest imports only those. On a GPU first and alone: the figures mean little if the GPU paths
+    # they time are broken; in a smoke run beside the other parts (on the CPU they only skip).
+    mapfile -t gpu_test_files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+    if [ $smoke -eq 1 ]; then
+        part gpu_tests 120 "$python" -m pytest -q -rs -m gpu -p no:cacheprovider "${gpu_test_files[@]}" &
+    else
+        part gpu_tests 180 "$python" -m pytest -q -rs -m gpu -p no:cacheprovider "${gpu_test_files[@]}"
+    fi
+fi
 
 if [ $smoke -eq 1 ]; then
     # Side by side (no GPU to share): the smoke run's time is mostly each process importing torch.

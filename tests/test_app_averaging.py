@@ -184,6 +184,7 @@ def test_the_averaged_model_is_evaluated_before_teardown_on_the_device_it_traine
     assert devices["averaged evaluation"] == devices["training"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: on the CPU no teardown moves the module")
 def test_on_a_gpu_the_averaged_model_is_evaluated_on_the_gpu(monkeypatch, tmp_path):
     names, devices = spy_on_the_end_of_a_run(monkeypatch, tmp_path, "trainer=gpu")
@@ -232,6 +233,7 @@ def test_every_precision_runs_the_app_end_to_end(monkeypatch, tmp_path, precisio
     assert weights["classifier.weight"].dtype == expected_dtype
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA's float16 autocast and half kernels")
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_every_precision_runs_the_app_end_to_end_on_a_gpu(monkeypatch, tmp_path, precision):

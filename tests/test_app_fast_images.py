@@ -239,6 +239,7 @@ def test_the_hue_shift_equals_torchvisions_adjust_hue_on_greys_ties_and_extremes
     torch.testing.assert_close(shift_hue(x_NCHW, factors), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the device part on the GPU")
 def test_the_device_part_on_the_gpu_equals_it_on_the_cpu():
     generator = torch.Generator().manual_seed(2)
@@ -354,6 +355,7 @@ def test_a_batch_decoded_on_the_device_equals_domainbeds_within_2_of_255_whateve
         assert pixel_difference(a, b).mean() <= 2.0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: nvjpeg decoding (data.decode=device)")
 def test_nvjpeg_decoding_on_the_gpu_equals_decoding_on_the_cpu(tmp_path):
     paths = [write_image_of_kind(tmp_path / kind, kind, 640, 480, seed=i) for i, kind in enumerate(IMAGE_KINDS)]
