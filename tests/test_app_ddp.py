@@ -1,9 +1,13 @@
 """``trainer=ddp`` is the same experiment as one process: the processes share each step's batch and
-count every evaluation sample once, so two CPU processes (gloo) record what one process records."""
+count every evaluation sample once, so two CPU processes (gloo) record what one process records; a
+preemption signal to either process stops both at the same step, and the same command resumes them to
+the uninterrupted run's records (issue 19)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +32,37 @@ OPTIONS = [
 ]
 
 
-def run(run_dir: Path, *overrides: str) -> list[dict]:
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "train.py", *OPTIONS, f"hydra.run.dir={run_dir}", *overrides]
-    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300, check=False)
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}  # data_factories' callbacks
+    return subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def results(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
-def test_two_ddp_processes_record_what_one_process_records(tmp_path):
-    one = run(tmp_path / "one", "trainer=cpu")
-    two = run(tmp_path / "two", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+def run(run_dir: Path, *overrides: str) -> list[dict]:
+    completed = launch(run_dir, *overrides)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return results(run_dir)
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory) -> Path:
+    """The same run in one process and in two DDP processes, uninterrupted: ``one/`` and ``two/``."""
+    root = tmp_path_factory.mktemp("ddp")
+    run(root / "one", "trainer=cpu")
+    run(root / "two", *DDP)
+    return root
+
+
+def test_two_ddp_processes_record_what_one_process_records(one_and_two_processes):
+    tmp_path = one_and_two_processes
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 2, 4, 5]
     assert one[0]["args"]["world_size"] == 1 and two[0]["args"]["world_size"] == 2
     for single, double in zip(one, two):
@@ -68,3 +93,37 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
     completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode != 0
     assert "batch_size=7 is the per-domain batch of the whole step, shared by 2 processes" in completed.stderr
+
+
+def test_a_sigterm_to_one_ddp_process_stops_both_at_one_step_and_the_same_command_resumes(
+    tmp_path, one_and_two_processes
+):
+    """The signal reaches one process only (a harder case than SLURM's, which signals every task): the
+    processes agree at the end of each update, so both stop after the same one, rank 0 saves it, and
+    neither waits forever in a collective for the other."""
+    run_dir = tmp_path / "run"
+    signal_once = [
+        "+callbacks.signal._target_=data_factories.SignalAfter",
+        "+callbacks.signal.updates=3",
+        f"+callbacks.signal.once_file={tmp_path / 'signalled'}",  # the first process there sends it, once
+    ]
+    first = launch(run_dir, *DDP, *signal_once)
+    assert first.returncode == 128 + signal.SIGTERM, first.stdout[-2000:] + first.stderr[-4000:]
+    assert "SIGTERM received: the run stopped after 3 updates" in first.stderr
+    assert "Traceback" not in first.stderr
+    assert not (run_dir / "done").exists() and [r["step"] for r in results(run_dir)] == [0, 2]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
+
+    resumed = launch(run_dir, *DDP, *signal_once)  # the same command: ckpt_path auto; no second signal
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert (run_dir / "done").exists()
+    uninterrupted = one_and_two_processes / "two"
+    for got, expected in zip(results(run_dir), results(uninterrupted), strict=True):
+        for record in (got, expected):
+            record.pop("step_time")
+            record["args"].pop("output_dir")
+        assert got == expected
+    expected_weights = torch.load(uninterrupted / "model.pt", weights_only=True)["state_dict"]
+    for name, tensor in torch.load(run_dir / "model.pt", weights_only=True)["state_dict"].items():
+        torch.testing.assert_close(tensor, expected_weights[name], msg=name)
