@@ -36,9 +36,14 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "train.py", *OPTIONS, f"hydra.run.dir={run_dir}", *overrides]
+    """``python /path/to/train.py`` from another folder, as a cluster job runs it: Lightning re-launches the
+    same command line for rank 1, which must find the script and its configs from there too."""
+    command = [sys.executable, str(REPOSITORY / "train.py"), *OPTIONS, f"hydra.run.dir={run_dir}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}  # data_factories' callbacks
-    return subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300, check=False)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def results(run_dir: Path) -> list[dict]:
@@ -65,6 +70,7 @@ def test_two_ddp_processes_record_what_one_process_records(one_and_two_processes
     one, two = results(tmp_path / "one"), results(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 2, 4, 5]
     assert one[0]["args"]["world_size"] == 1 and two[0]["args"]["world_size"] == 2
+    assert two[-1]["penalty"] > 0 and two[-1]["loss"] > two[-1]["nll"]  # the all-reduced Fishr penalty is on
     for single, double in zip(one, two):
         accuracies = sorted(name for name in single if name.endswith("_acc"))
         assert len(accuracies) == 6

@@ -1,11 +1,9 @@
-"""Scale and speed on CPU: compiled backbones, the app under DDP and mixed precision, and the
+"""Scale and speed on CPU: compiled backbones, the app in mixed precision (under DDP: test_app_ddp.py), and the
 overhead benchmark at a tiny size (it must run; its figures belong in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -48,41 +46,6 @@ def test_a_compiled_module_with_the_head_inside_forward_trains_to_the_eager_weig
     model = ForwardClassifier()
     trainer(callbacks=[FishrCallback(**FISHR)]).fit(torch.compile(model), batches(domain_data()))
     assert_same_weights(model, eager_reference(ForwardClassifier))
-
-
-def test_the_app_trains_fishr_with_two_ddp_processes(tmp_path):
-    """`trainer=ddp` on CPU (gloo): Lightning re-launches train.py for rank 1; both ranks all-reduce
-    the per-domain moments and rank 0 writes the records and the done marker."""
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.enable_progress_bar=false",
-        "algorithm=fishr",
-        *SMALL_SYNTHETIC,
-        "steps=4",
-        "checkpoint_freq=2",
-        "+hparams.penalty_anneal_iters=1",
-        "+hparams.lambda=10",
-        f"hydra.run.dir={run_dir}",
-    ]
-    done = subprocess.run(
-        command,
-        check=False,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    written = records(run_dir)
-    assert [r["step"] for r in written] == [0, 2, 3]  # DomainBed's labels: 4 updates
-    assert written[-1]["loss"] > written[-1]["nll"] and written[-1]["penalty"] > 0
-    assert (run_dir / "done").exists()
 
 
 def test_the_app_trains_fishr_in_bf16_mixed_precision(monkeypatch, tmp_path):
