@@ -15,6 +15,8 @@
   training batches (Lightning's transfer) and evaluation batches (``trainer.strategy.batch_to_device``) alike.
   Its training augmentation is drawn per sample from ``(seed, step, slot)`` (the sampler yields
   ``(step, slot, index)`` keys), so a batch is the same whatever the number of workers and after a resume.
+  ``data.finish`` says where that device part runs (``finishes_in_workers``): ``device`` runs it, and with
+  ``data.decode=device`` the JPEG decode, after Lightning's transfer on any device, the CPU included.
 """
 
 from __future__ import annotations
@@ -314,9 +316,12 @@ class DomainBedDataModule(pl.LightningDataModule):
 
     @property
     def finishes_in_workers(self) -> bool:
-        """The fast pipeline on a CPU-only run: its device part runs per sample in the loader workers, in
-        parallel as DomainBed's augmentation does, not in the training process between steps (the same
-        operations and parameters, so the same tensors)."""
+        """Whether the fast pipeline's device part runs per sample in the loader workers (``data.finish``):
+        ``workers``; ``device``: never, it runs in ``on_after_batch_transfer`` (the GPU's code path, on any
+        device); ``auto``: on a CPU-only run, in parallel as DomainBed's augmentation does, not in the training
+        process between steps (the same operations and parameters, so the same tensors)."""
+        if self.data.batch_transform is not None and self.data.finish != "auto":
+            return self.data.finish == "workers"
         trainer = self.trainer
         return (
             self.data.batch_transform is not None
@@ -328,7 +333,9 @@ class DomainBedDataModule(pl.LightningDataModule):
     def item_transform(self, transform: Callable | None) -> Callable | None:
         if transform is not None and self.finishes_in_workers:
             if isinstance(transform, FastImageTransform) and transform.decode_on_device:  # the device is the CPU
-                transform = FastImageTransform(transform.output_size, transform.augment, decode_on_device=False)
+                transform = FastImageTransform(
+                    transform.output_size, transform.augment, decode_on_device=False, reader=transform.reader
+                )
             return FinishedInWorker(transform, self.data.batch_transform)
         return transform
 

@@ -21,12 +21,14 @@ def load_domains(
     skip_broken_images: bool = False,
     pipeline: str = "fast",
     decode: str = "cpu",
+    finish: str = "auto",
 ) -> MultiDomainData:
     """Every domain of dataset ``name`` (DomainBed's class name). ``seed`` drives the random parts of
     the generated and MNIST datasets (shuffle, label noise, colours) through a local generator;
     ``samples_per_domain`` sizes the synthetic dataset; ``skip_broken_images`` leaves unreadable image
     files out of the image-folder datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
-    ``domainbed``) and ``decode`` (``cpu`` or ``device``) are the image folders' (``image_folders.py``)."""
+    ``domainbed``), ``decode`` (``cpu`` or ``device``) and ``finish`` (``auto``, ``device``, ``workers``) are the
+    image folders' (``image_folders.py``)."""
     spec = dataset_spec(name)
     if spec.name == "Synthetic":
         return synthetic_domains(seed=seed, samples_per_domain=samples_per_domain or SAMPLES_PER_DOMAIN)
@@ -35,4 +37,4 @@ def load_domains(
     data_dir = Path(data_dir).expanduser()
     if spec.name in MNIST_DATASETS:
         return load_mnist_domains(spec, data_dir, seed)
-    return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode)
+    return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)

@@ -13,7 +13,9 @@ workers and the training device, with the same random draws.
   its own parameters; the colour operations are kornia's torchvision-semantics kernels (``kornia.enhance``)
   and a hue shift written out (``shift_hue``: measured twice as fast as kornia's on the CPU).
 - ``data.decode=device``: the workers ship a JPEG's bytes instead (``DeviceJpeg``) and the device decodes,
-  crops and resizes it (``decode_on_device``).
+  crops and resizes it (``decode_on_device``); a file it cannot decode takes the workers' path there.
+- The batches (``UInt8Images``, ``MixedImages``) are ``DeviceBatch`` objects, not tuples: Lightning moves them
+  by their own ``to`` and neither walks into them nor converts them to half precision (issue 25).
 
 Where this differs from DomainBed's PIL path, by design: the colour operations run in float on the device
 (PIL rounds to uint8 after each one) and the resize starts from the DCT-reduced decode (``docs/app.md``
@@ -50,13 +52,59 @@ NUM_PARAMS = 11
 DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg decodes directly
 
 
-class UInt8Images(NamedTuple):
+class DeviceBatch:
+    """Named tensors that Lightning handles as one object (issue 25). Not a tuple, mapping, dataclass or
+    tensor, so Lightning's ``apply_to_collection`` neither walks into it nor converts it: the transfer
+    (``move_data_to_device``, on every training, evaluation and BatchNorm batch) calls its ``to`` (any object
+    with a ``to`` method is moved so), and the ``16-true``/``bf16-true`` plugins' ``convert_input``, which
+    casts every floating tensor of a batch to half, leaves it alone: the draw parameters stay float32 (a
+    bf16 box ``[1234, 777, 2047, 1533]`` is ``[1232, 776, 2048, 1536]``, a factor 1.234 is 1.234375), and
+    JPEG bytes are no Python sequence (a ``list[bytes]`` cost a Python call per byte in each of those walks).
+
+    ``to`` moves the fields named in ``moved`` to the device; the others stay on the host, where the device
+    part reads them (which rows to augment, crop boxes, the JPEGs' bytes: ``decode_jpeg`` reads its input on
+    the CPU whatever the device). The DataLoader's ``pin_memory`` pins the moved fields."""
+
+    fields: tuple[str, ...] = ()
+    moved: tuple[str, ...] = ()
+
+    def _replace(self, **changes: Any) -> Any:
+        values = {name: getattr(self, name) for name in self.fields}
+        values.update(changes)
+        return type(self)(**values)
+
+    def to(self, device: torch.device | str, *args: Any, **kwargs: Any) -> Any:
+        device = torch.device(device)
+        # As Lightning's transfer: non-blocking except to the CPU and to MPS (pytorch/pytorch#83015).
+        non_blocking = device.type not in ("cpu", "mps")
+        return self._replace(**{name: getattr(self, name).to(device, non_blocking=non_blocking) for name in self.moved})
+
+    def pin_memory(self, *args: Any) -> Any:
+        return self._replace(**{name: getattr(self, name).pin_memory() for name in self.moved})
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}={describe_field(getattr(self, name))}" for name in self.fields)
+        return f"{type(self).__name__}({shapes})"
+
+
+def describe_field(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype}{list(value.shape)}@{value.device}"
+    return f"<{len(value)} items>" if isinstance(value, list) else repr(value)
+
+
+class UInt8Images(DeviceBatch):
     """What the fast path's workers ship: ``pixels`` uint8 ``[3, H, W]`` (``[N, 3, H, W]`` batched) and
     ``params`` float32 ``[NUM_PARAMS]`` (``[N, NUM_PARAMS]``): the device part's per-sample parameters,
-    with ``params[AUGMENT] == 0`` for a sample only normalised (evaluation without augmentation)."""
+    with ``params[AUGMENT] == 0`` for a sample only normalised (evaluation without augmentation). ``to``
+    moves the pixels; the parameters stay on the host (``augment_batch`` sends their factors)."""
 
-    pixels: Tensor
-    params: Tensor
+    fields = ("pixels", "params")
+    moved = ("pixels",)
+
+    def __init__(self, pixels: Tensor, params: Tensor) -> None:
+        self.pixels = pixels
+        self.params = params
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -153,7 +201,7 @@ class FastImageTransform:
             box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
         if self.decode_on_device and decodes_on_device(image):
             image.close()
-            return DeviceJpeg(Path(path).read_bytes(), torch.tensor(box, dtype=torch.float32), params)
+            return DeviceJpeg(Path(path).read_bytes(), torch.tensor(box, dtype=torch.long), params, str(path))
 
         def decode(path: str | os.PathLike) -> Image.Image:
             # The header already opened serves the first attempt; a retry (a truncated file) opens it again.
@@ -174,26 +222,44 @@ class FastImageTransform:
 
 
 class DeviceJpeg(NamedTuple):
-    """A JPEG left to the device: the file's ``data`` (``bytes``, which Lightning's transfer leaves on the
-    host, where ``decode_jpeg`` reads it), its crop ``box`` (left, top, right, bottom; float32 ``[4]``,
-    original coordinates) and the sample's ``params``."""
+    """A JPEG left to the device, as a worker ships it: the file's ``data``, its crop ``box`` (left, top,
+    right, bottom; int64 ``[4]``, original coordinates), the sample's ``params`` and the file's ``path`` (for
+    the fallback's warnings and errors). ``collate_images`` gathers them into one ``MixedImages``."""
 
     data: bytes
     box: Tensor
     params: Tensor
+    path: str
 
 
-class MixedImages(NamedTuple):
+class MixedImages(DeviceBatch):
     """A batch with ``DeviceJpeg`` samples (``collate_images``): the ``pixels`` of the samples the workers
-    decoded (rows ``pixel_rows`` of the batch), the ``jpegs`` and ``boxes`` of the others (rows
-    ``jpeg_rows``), every sample's ``params``."""
+    decoded (rows ``pixel_rows`` of the batch), the JPEGs of the others (rows ``jpeg_rows``): their bytes one
+    after another in ``jpegs`` (uint8, ``jpeg_sizes`` bytes each), their ``boxes`` (int64 ``[J, 4]``) and
+    ``paths``; every sample's ``params``. ``to`` moves the pixels; the rest stays on the host."""
 
-    pixels: Tensor
-    pixel_rows: Tensor
-    jpegs: list[bytes]
-    jpeg_rows: Tensor
-    boxes: Tensor
-    params: Tensor
+    fields = ("pixels", "pixel_rows", "jpegs", "jpeg_sizes", "jpeg_rows", "boxes", "params", "paths")
+    moved = ("pixels",)
+
+    def __init__(
+        self,
+        pixels: Tensor,
+        pixel_rows: Tensor,
+        jpegs: Tensor,
+        jpeg_sizes: Tensor,
+        jpeg_rows: Tensor,
+        boxes: Tensor,
+        params: Tensor,
+        paths: list[str],
+    ) -> None:
+        self.pixels = pixels
+        self.pixel_rows = pixel_rows
+        self.jpegs = jpegs
+        self.jpeg_sizes = jpeg_sizes
+        self.jpeg_rows = jpeg_rows
+        self.boxes = boxes
+        self.params = params
+        self.paths = paths
 
 
 def decodes_on_device(image: Image.Image) -> bool:
@@ -204,44 +270,97 @@ def decodes_on_device(image: Image.Image) -> bool:
 
 
 def collate_images(samples: list[tuple[Any, ...]]) -> Any:
-    """The loaders' ``collate_fn``: ``default_collate``, except for samples whose first element is a
-    ``DeviceJpeg`` somewhere in the batch: then that element becomes one ``MixedImages``."""
-    if not any(isinstance(sample[0], DeviceJpeg) for sample in samples):
+    """The loaders' ``collate_fn``: ``default_collate``, except for the fast path's images (the samples'
+    first element): ``UInt8Images`` samples become one ``UInt8Images`` batch, a batch with ``DeviceJpeg``
+    samples one ``MixedImages``; the rest of each sample is collated by ``default_collate``."""
+    first = [sample[0] for sample in samples]
+    if not any(isinstance(image, (UInt8Images, DeviceJpeg)) for image in first):
         return default_collate(samples)
-    jpeg_rows = [row for row, sample in enumerate(samples) if isinstance(sample[0], DeviceJpeg)]
-    pixel_rows = [row for row, sample in enumerate(samples) if not isinstance(sample[0], DeviceJpeg)]
-    pixels = [samples[row][0].pixels for row in pixel_rows]
+    rest = default_collate([sample[1:] for sample in samples])
+    params = torch.stack([image.params for image in first])
+    if not any(isinstance(image, DeviceJpeg) for image in first):
+        return [UInt8Images(torch.stack([image.pixels for image in first]), params), *rest]
+    jpeg_rows = [row for row, image in enumerate(first) if isinstance(image, DeviceJpeg)]
+    pixel_rows = [row for row, image in enumerate(first) if not isinstance(image, DeviceJpeg)]
+    pixels = [first[row].pixels for row in pixel_rows]
+    jpegs = [first[row] for row in jpeg_rows]
     images = MixedImages(
         pixels=torch.stack(pixels) if pixels else torch.empty(0, 3, 0, 0, dtype=torch.uint8),
         pixel_rows=torch.tensor(pixel_rows, dtype=torch.long),
-        jpegs=[samples[row][0].data for row in jpeg_rows],
+        # One buffer for the batch: one shared-memory segment from a worker, one tensor for Lightning.
+        jpegs=torch.frombuffer(bytearray(b"".join(jpeg.data for jpeg in jpegs)), dtype=torch.uint8),
+        jpeg_sizes=torch.tensor([len(jpeg.data) for jpeg in jpegs], dtype=torch.long),
         jpeg_rows=torch.tensor(jpeg_rows, dtype=torch.long),
-        boxes=torch.stack([samples[row][0].box for row in jpeg_rows]),
-        params=torch.stack([sample[0].params for sample in samples]),
+        boxes=torch.stack([jpeg.box for jpeg in jpegs]),
+        params=params,
+        paths=[jpeg.path for jpeg in jpegs],
     )
-    return [images, *default_collate([sample[1:] for sample in samples])]
+    return [images, *rest]
 
 
-def decode_on_device(images: MixedImages, output_size: int, device: torch.device) -> UInt8Images:
+def decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor | None]:
+    """Each JPEG of ``data`` (uint8, on the CPU) decoded to RGB on ``device``, ``None`` for a file the decoder
+    refuses (truncated, corrupt: ``decode_jpeg`` raises, nvjpeg and libjpeg-turbo alike)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(jpegs: list[Tensor]) -> list[Tensor]:
+        if device.type == "cuda":
+            # nvJPEG's batched hardware decode writes its outputs, which torch's caching allocator may hand out
+            # as soon as they are freed on the caller's stream, before the kernels already queued there have
+            # run: it overwrites memory they still read (pytorch/vision PR 9606; torchcodec's fix, PR 1634,
+            # is the same host barrier). Draining the stream first costs no wall time: the decode ends in a
+            # host synchronisation anyway. (Issue 25.)
+            torch.cuda.current_stream(device).synchronize()
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+
+    try:
+        return list(decode(data))
+    except RuntimeError:
+        pass  # one file fails the whole batch (torchvision): find which, one by one
+    decoded: list[Tensor | None] = []
+    for jpeg in data:
+        try:
+            decoded.append(decode([jpeg])[0])
+        except RuntimeError:
+            decoded.append(None)
+    return decoded
+
+
+def decode_on_host(
+    path: str, box: tuple[int, int, int, int], output_size: int, reader: ImageReader | None = None
+) -> Tensor:
+    """The workers' decode of one file (``FastImageTransform``'s, through the dataset's ``reader``): a
+    truncated JPEG completed as DomainBed completes it, with the warning naming it; an unreadable one an
+    error naming it and its dataset. uint8 ``[3, output_size, output_size]`` on the CPU."""
+    reader = reader or ImageReader("")
+    image = reader.read(path, lambda opened: reduced_resized_crop(open_image(opened), box, output_size))
+    return to_uint8_chw(image)
+
+
+def decode_on_device(
+    images: MixedImages, output_size: int, device: torch.device, reader: ImageReader | None = None
+) -> UInt8Images:
     """``MixedImages`` → ``UInt8Images`` on ``device``: the JPEGs decoded there (``torchvision.io.decode_jpeg``:
     nvjpeg on a GPU, libjpeg-turbo on the CPU; no EXIF orientation, as DomainBed's loader), each cropped and
-    resized to ``output_size²`` (bilinear, antialiased as PIL's), the workers' pixels put in their rows."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    resized to ``output_size²`` (bilinear, antialiased as PIL's), the workers' pixels put in their rows. A
+    file the decoder refuses is decoded as the workers decode (``decode_on_host``, through ``reader``)."""
     from torchvision.transforms.v2 import functional as F
 
-    data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in images.jpegs]
-    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    data = list(torch.split(images.jpegs, images.jpeg_sizes.tolist()))
     size = [output_size, output_size]
     crops = []
-    for image, (left, top, right, bottom) in zip(decoded, images.boxes.tolist()):
-        top, left, height, width = int(top), int(left), int(bottom - top), int(right - left)
-        crops.append(F.resized_crop(image, top, left, height, width, size, antialias=True))
+    for image, path, box in zip(decode_jpegs(data, device), images.paths, images.boxes.tolist()):
+        left, top, right, bottom = box
+        if image is None:
+            crops.append(decode_on_host(path, (left, top, right, bottom), output_size, reader).to(device))
+        else:
+            crops.append(F.resized_crop(image, top, left, bottom - top, right - left, size, antialias=True))
     count = len(images.params)
     pixels = torch.empty(count, 3, output_size, output_size, dtype=torch.uint8, device=device)
     pixels[images.jpeg_rows.to(device)] = torch.stack(crops)
     if len(images.pixel_rows):
         pixels[images.pixel_rows.to(device)] = images.pixels.to(device, non_blocking=True)
-    return UInt8Images(pixels, images.params.to(device))
+    return UInt8Images(pixels, images.params)
 
 
 class DeviceAugmentation:
@@ -252,22 +371,26 @@ class DeviceAugmentation:
         mean: the normalisation's mean per channel (ImageNet's for DomainBed's backbones).
         std: its standard deviation per channel.
         output_size: the images' side, for the JPEGs it decodes itself (``MixedImages``, ``data.decode=device``).
+        reader: the dataset's ``ImageReader``, for the files the device cannot decode (``decode_on_host``).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], output_size: int = 224) -> None:
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], output_size: int = 224, reader: ImageReader | None = None
+    ) -> None:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.output_size = output_size
+        self.reader = reader
 
     def __call__(self, images: UInt8Images | MixedImages) -> Tensor:
         if isinstance(images, MixedImages):
-            images = decode_on_device(images, self.output_size, images.params.device)
+            images = decode_on_device(images, self.output_size, images.pixels.device, self.reader)
         x_NCHW = images.pixels.float().div_(255)  # ToTensor
-        params_NK = images.params.detach().cpu()  # which samples go where: a few hundred numbers, one copy
+        params_NK = images.params.detach().cpu()  # which samples go where: a few hundred numbers (on the host)
         if params_NK[:, AUGMENT].any():
             x_NCHW = augment_batch(x_NCHW, params_NK)
-        mean = torch.tensor(self.mean, device=x_NCHW.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x_NCHW.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x_NCHW.device, dtype=x_NCHW.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x_NCHW.device, dtype=x_NCHW.dtype).view(1, -1, 1, 1)
         return x_NCHW.sub_(mean).div_(std)
 
     def __repr__(self) -> str:

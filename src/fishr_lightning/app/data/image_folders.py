@@ -24,6 +24,7 @@ from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transfo
 
 PIPELINES = ("fast", "domainbed")
 DECODERS = ("cpu", "device")
+FINISHES = ("auto", "device", "workers")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +82,27 @@ def check_decode(decode: str, pipeline: str) -> str:
     return decode
 
 
+def check_finish(finish: str, pipeline: str, decode: str) -> str:
+    """``data.finish``: where the fast pipeline's device part runs (issue 25)."""
+    if finish not in FINISHES:
+        raise AppError(
+            f"data.finish={finish}: choose auto (the loader workers on a CPU-only run, else the training device; "
+            "the default), device (the training process after Lightning's batch transfer, on any device: a GPU "
+            "run's code path, also on the CPU) or workers (per sample in the loader workers)."
+        )
+    if finish != "auto" and pipeline != "fast":
+        raise AppError(
+            f"data.finish={finish} needs data.pipeline=fast (it is {pipeline}): DomainBed's PIL path finishes "
+            "every image in the loader workers."
+        )
+    if finish == "workers" and decode == "device":
+        raise AppError(
+            "data.finish=workers finishes every image in the loader workers, data.decode=device decodes JPEGs on "
+            "the training device: choose data.decode=cpu, or data.finish=device (or auto) to decode on the device."
+        )
+    return finish
+
+
 def set_image_transforms(
     data: MultiDomainData,
     image_size: int,
@@ -98,7 +120,7 @@ def set_image_transforms(
             if augment
             else data.eval_transform
         )
-        data.batch_transform = DeviceAugmentation(mean, std, output_size=image_size)
+        data.batch_transform = DeviceAugmentation(mean, std, output_size=image_size, reader=reader)
     else:
         data.eval_transform = eval_image_transform(image_size, mean, std)
         data.train_transform = train_image_transform(image_size, mean, std) if augment else data.eval_transform
@@ -128,9 +150,11 @@ def load_image_folder_domains(
     skip_broken_images: bool = False,
     pipeline: str = "fast",
     decode: str = "cpu",
+    finish: str = "auto",
 ) -> MultiDomainData:
     check_pipeline(pipeline)
     check_decode(decode, pipeline)
+    check_finish(finish, pipeline, decode)
     root = data_dir / spec.folder
     if not root.is_dir():
         raise data_error(spec, data_dir, f"There is no directory {root}.")
@@ -177,6 +201,7 @@ def load_image_folder_domains(
         skipped_images=skipped,
         pipeline=pipeline,
         decode=decode,
+        finish=finish,
         image_reader=reader,
     )
     set_image_transforms(data, image_size, augment)

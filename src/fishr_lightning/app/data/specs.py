@@ -99,7 +99,9 @@ class MultiDomainData:
     ``train_transform``/``eval_transform`` per item (in the loader workers), then ``batch_transform``, when
     set, per batch on the training device (the fast image pipeline's second half). ``pipeline`` says which
     image pipeline built them (``fast``, ``domainbed``; ``tensors`` for datasets held as tensors), ``decode``
-    where the fast pipeline decodes JPEGs (``cpu``: the loader workers; ``device``: the training device)."""
+    where the fast pipeline decodes JPEGs (``cpu``: the loader workers; ``device``: the training device),
+    ``finish`` where it runs ``batch_transform`` (``auto``: the loader workers on a CPU-only run, else the
+    training device; ``device``; ``workers``: ``DomainBedDataModule.finishes_in_workers``)."""
 
     spec: DatasetSpec
     domains: list[Dataset]
@@ -111,6 +113,7 @@ class MultiDomainData:
     batch_transform: Callable[[Any], Tensor] | None = None
     pipeline: str = "tensors"
     decode: str = "cpu"
+    finish: str = "auto"
     # Opens the image folders' files (images.ImageReader: a broken file is an error naming it, issue 19);
     # the fast pipeline's transforms read through it too.
     image_reader: Any = None

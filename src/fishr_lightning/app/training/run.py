@@ -35,7 +35,7 @@ from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch_divides
 from fishr_lightning.app.data.domains import load_domains
-from fishr_lightning.app.data.image_folders import check_decode, check_pipeline, use_input_config
+from fishr_lightning.app.data.image_folders import check_decode, check_finish, check_pipeline, use_input_config
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
 from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
@@ -124,7 +124,7 @@ def config_choice(group: str) -> str | None:
 
 def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, Any]:
     """DomainBed's ``args`` record (what its collect_results.py groups by), plus the app's choices."""
-    pipeline, decode = data_options(cfg)
+    pipeline, decode, finish = data_options(cfg)
     if dataset_spec(cfg.dataset.name).name not in IMAGE_FOLDER_DATASETS:
         pipeline = "tensors"  # MNIST and the synthetic dataset are tensors: no image pipeline runs
     return {
@@ -146,15 +146,16 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "eval_augmentation": cfg.eval_augmentation,
         "save_model": cfg.save_model,
         "data_pipeline": pipeline,  # fast, domainbed, or tensors
-        **({"data_decode": decode} if pipeline == "fast" else {}),
+        **({"data_decode": decode, "data_finish": finish} if pipeline == "fast" else {}),
     }
 
 
-def data_options(cfg: DictConfig) -> tuple[str, str]:
-    """``(data.pipeline, data.decode)``, checked."""
+def data_options(cfg: DictConfig) -> tuple[str, str, str]:
+    """``(data.pipeline, data.decode, data.finish)``, checked."""
     data = cfg.get("data") or {}
     pipeline = check_pipeline(data.get("pipeline", "fast"))
-    return pipeline, check_decode(data.get("decode", "cpu"), pipeline)
+    decode = check_decode(data.get("decode", "cpu"), pipeline)
+    return pipeline, decode, check_finish(data.get("finish", "auto"), pipeline, decode)
 
 
 def train(cfg: DictConfig) -> dict[str, Any] | None:
@@ -169,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         cfg.ckpt_path = check_ckpt_path_option(cfg.ckpt_path)
         if cfg.seed == DOMAINBED_SEED:  # the domainbed* sweep presets: DomainBed's sweep.py seed (issue 19)
             cfg.seed = domainbed_sweep_seed(spec.name, cfg.algorithm.name, test_envs, cfg.hparams_seed, cfg.trial_seed)
-    pipeline, decode = data_options(cfg)
+    pipeline, decode, finish = data_options(cfg)
     hparams = resolve_hparams(cfg)
     if not is_positive_int(hparams["batch_size"]):
         raise AppError(f"batch_size={hparams['batch_size']}: it is the number of samples per training domain and step.")
@@ -200,6 +201,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         skip_broken_images=cfg.data.skip_broken_images,
         pipeline=pipeline,
         decode=decode,
+        finish=finish,
     )
     if ckpt_path is not None:
         check_same_images(run_dir, len(data.skipped_images))
