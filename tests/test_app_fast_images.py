@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 from data_factories import IMAGE_KINDS, write_image_of_kind, write_pacs
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+from lightning_utilities.core.apply_func import apply_to_collection
+from test_app_images import cut
+from test_app_train import records, run_app
 from torchvision.datasets.folder import pil_loader
 
 from fishr_lightning.app import AppError
@@ -48,6 +54,7 @@ from fishr_lightning.app.data.image_folders import (
     eval_image_transform,
     train_image_transform,
 )
+from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV, BrokenImageError
 
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -333,10 +340,8 @@ def device_decoded_batch(paths, augment, device="cpu", seed=0):
     items = [(FastImageTransform(224, augment, decode_on_device=True)(path), torch.tensor(0)) for path in paths]
     images, _ = collate_images(items)
     assert isinstance(images, MixedImages)
-    on_device = images._replace(
-        **{name: getattr(images, name).to(device) for name in ("pixels", "pixel_rows", "jpeg_rows", "boxes", "params")}
-    )
-    return DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD, output_size=224)(on_device)
+    # The batch's own transfer, the one Lightning calls (move_data_to_device: any object with a ``to``).
+    return DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD, output_size=224)(move_data_to_device(images, device))
 
 
 def test_a_batch_decoded_on_the_device_equals_domainbeds_within_2_of_255_whatever_the_files(tmp_path):
@@ -371,6 +376,12 @@ def test_decoding_on_the_device_needs_the_fast_pipeline_and_a_known_decoder(tmp_
         load_domains("PACS", data_dir, pipeline="domainbed", decode="device")
     with pytest.raises(AppError, match="data.decode=gpu: choose cpu .* or device"):
         load_domains("PACS", data_dir, decode="gpu")
+    with pytest.raises(AppError, match=r"data.finish=gpu: choose auto \(.*\), device \(.*\) or workers"):
+        load_domains("PACS", data_dir, finish="gpu")
+    with pytest.raises(AppError, match="data.finish=device needs data.pipeline=fast"):
+        load_domains("PACS", data_dir, pipeline="domainbed", finish="device")
+    with pytest.raises(AppError, match="data.finish=workers finishes every image in the loader workers, data.decode="):
+        load_domains("PACS", data_dir, decode="device", finish="workers")
     data = load_domains("PACS", data_dir, image_size=24, decode="device")
     module = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=1)
     x, y, domain = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
@@ -384,3 +395,165 @@ def test_images_made_on_the_device_take_the_precision_plugins_input_type(tmp_pat
     module = fast_pacs_module(data_dir, precision_plugin=HalfPrecision("bf16-true"))
     x, y, _ = training_batches(module)[0]
     assert x.dtype == torch.bfloat16 and y.dtype == torch.long
+
+
+# -- the GPU's code path on the CPU (issue 25): data.finish=device, through Lightning's own transfer ------------
+
+
+def python_scalars(batch) -> list:
+    """What Lightning's ``apply_to_collection`` finds in ``batch`` as Python numbers or bytes (a ``bytes``
+    object is a sequence of ints to it: each its own call)."""
+    found = []
+    apply_to_collection(batch, (int, float, bytes), lambda value: found.append(value) or value)
+    return found
+
+
+def test_lightning_moves_the_fast_pipelines_batches_as_objects_without_walking_their_bytes_or_converting_them(
+    tmp_path,
+):
+    """Lightning walks a batch with ``apply_to_collection`` in its transfer and in the half-precision
+    plugins' ``convert_input``: JPEG bytes as ``bytes`` were a sequence of Python ints (one call per byte),
+    and floating tensors of a tuple were cast to half (crop boxes and draw parameters rounded)."""
+    paths = [write_image_of_kind(tmp_path / kind, kind, 600, 520, seed=i) for i, kind in enumerate(("rgb", "png"))]
+    torch.manual_seed(0)
+    samples = [(FastImageTransform(24, True, decode_on_device=True)(path), torch.tensor(0)) for path in paths]
+    for batch in (collate_images(samples), collate_images(samples[1:])):  # MixedImages, then UInt8Images
+        images = batch[0]
+        assert python_scalars(batch) == []  # nothing for Lightning to walk into, byte by byte
+        for converted in (
+            HalfPrecision("bf16-true").convert_input(batch),
+            HalfPrecision("16-true").convert_input(batch),
+        ):
+            assert type(converted[0]) is type(images) and torch.equal(converted[0].params, images.params)
+            assert converted[0].params.dtype == torch.float32
+        moved = move_data_to_device(batch, "cpu")[0]
+        assert type(moved) is type(images) and moved.params is images.params
+    mixed = collate_images(samples)[0]
+    assert mixed.boxes.dtype == torch.long and mixed.jpegs.dtype == torch.uint8
+    assert mixed.jpegs.numel() == paths[0].stat().st_size and mixed.paths == [str(paths[0])]
+
+
+class InputRecorder(pl.LightningModule):
+    """A linear head on the channel means; records each training batch's input, and the image batch object
+    Lightning hands to its transfer (after ``convert_input``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 7)
+        self.inputs: list[torch.Tensor] = []
+        self.transferred: list[object] = []
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.transferred.append(batch[0])
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.inputs.append(x.detach().clone())
+        return torch.nn.functional.cross_entropy(self.head(x.mean((2, 3))).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_fast_pacs(data_dir, precision: str, decode: str = "device", finish: str = "device") -> InputRecorder:
+    data = load_domains("PACS", data_dir, image_size=32, decode=decode, finish=finish)
+    datamodule = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=2, num_workers=0)
+    module = InputRecorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert not datamodule.finishes_in_workers  # finish=device: on_after_batch_transfer, on the CPU
+    return module
+
+
+def test_a_bf16_true_runs_inputs_are_the_32_true_runs_rounded_to_bf16(tmp_path):
+    """Through ``Trainer.fit`` with data.decode=device and data.finish=device on the CPU: Lightning converts
+    the batch to bf16 before the transfer; the crop boxes (520-pixel images: coordinates that bf16 rounds to
+    multiples of 2 and 4) and the jitter factors must reach the device part as drawn."""
+    data_dir = write_pacs(tmp_path, images_per_class=1, size=520)
+    full, half = fit_fast_pacs(data_dir, "32-true"), fit_fast_pacs(data_dir, "bf16-true")
+    assert [type(images) for images in half.transferred] == [MixedImages, MixedImages]  # decoded on the "device"
+    assert len(full.inputs) == len(half.inputs) == 2
+    for x_full, x_half in zip(full.inputs, half.inputs):
+        assert x_full.dtype == torch.float32 and x_half.dtype == torch.bfloat16 and x_full.shape == (6, 3, 32, 32)
+        assert torch.equal(x_half, x_full.to(torch.bfloat16))
+
+
+def test_the_app_decodes_on_the_device_of_a_cpu_run_after_lightnings_transfer(monkeypatch, tmp_path):
+    """``python train.py ... data.finish=device data.decode=device trainer.precision=bf16-true`` on the CPU:
+    the GPU run's data path, with Lightning's transfer and precision conversion. A truncated JPEG, which
+    ``decode_jpeg`` refuses (as nvjpeg does), is decoded as the workers decode it: with their warning, naming it."""
+    monkeypatch.setenv(TRUNCATED_IMAGES_ENV, "")  # the app sets it for its run; restored after the test
+    data_dir = write_pacs(tmp_path / "data", images_per_class=2, size=40)
+    truncated = cut(data_dir / "PACS" / "photo" / "dog" / "0.jpg", keep=0.7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = run_app(
+            monkeypatch,
+            tmp_path / "run",
+            "dataset=pacs",
+            "algorithm=erm",
+            f"data_dir={data_dir}",
+            "backbone=mlp",
+            "backbone.width=16",
+            "dataset.image_size=32",
+            "batch_size=2",
+            "steps=1",
+            "test_envs=[3]",
+            "loader.num_workers=0",
+            "data.decode=device",
+            "data.finish=device",
+            "trainer.precision=bf16-true",
+        )
+    assert status == 0
+    assert [str(w.message) for w in caught if "Truncated" in str(w.message)] == [
+        f"Truncated image file(s), loaded as DomainBed loads them (PIL's LOAD_TRUNCATED_IMAGES: the missing part "
+        f"is grey): {truncated}."
+    ]
+    args = records(tmp_path / "run")[-1]["args"]
+    assert (args["data_pipeline"], args["data_decode"], args["data_finish"]) == ("fast", "device", "device")
+
+
+def test_a_cpu_run_decoding_in_the_workers_instead_names_a_broken_file_with_the_download_hint(tmp_path):
+    """data.decode=device on a CPU-only run with data.finish=auto falls back to the workers' decode: through
+    the dataset's reader, whose error names the dataset folder and the command that downloads it again."""
+    data_dir = write_pacs(tmp_path, images_per_class=1, size=40)
+    broken = data_dir / "PACS" / "photo" / "dog" / "0.jpg"
+    broken.write_bytes(b"\xff\xd8 half-copied")
+    data = load_domains("PACS", data_dir, image_size=24, decode="device")
+    module = DomainBedDataModule(data, [3], 0.2, trial_seed=0, seed=0, batch_size=2, steps=1)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert module.finishes_in_workers
+    with pytest.raises(BrokenImageError) as error:
+        module.item_transform(data.train_transform)(str(broken))
+    assert f"the dataset in {data_dir / 'PACS'}" in str(error.value)
+    assert f"(fishr-download pacs --data-dir {data_dir})" in str(error.value)
+    # data.finish chooses against the device: device on the CPU, workers on a GPU.
+    data.finish = "device"
+    assert not module.finishes_in_workers
+    data.finish, module.trainer.strategy.root_device = "workers", torch.device("cuda")
+    assert module.finishes_in_workers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: nvjpeg decoding (data.decode=device)")
+def test_nvjpeg_leaves_a_truncated_jpeg_to_the_workers_decode_with_its_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv(TRUNCATED_IMAGES_ENV, raising=False)
+    paths = [write_image_of_kind(tmp_path / str(i), "rgb", 640, 480, seed=i) for i in range(3)]
+    cut(paths[1], keep=0.7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_gpu = device_decoded_batch(paths, augment=True, device="cuda")
+    assert on_gpu.is_cuda and torch.isfinite(on_gpu).all()
+    assert [str(w.message) for w in caught if "Truncated" in str(w.message)][0].endswith(f": {paths[1]}.")
+    torch.testing.assert_close(on_gpu.cpu(), device_decoded_batch(paths, augment=True, device="cpu"), atol=0.05, rtol=0)
