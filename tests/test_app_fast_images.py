@@ -476,6 +476,7 @@ def fit_fast_pacs(data_dir, precision: str, decode: str = "device", finish: str 
     return module
 
 
+@pytest.mark.filterwarnings("ignore:You have overridden `on_before_batch_transfer`")  # InputRecorder
 def test_a_bf16_true_runs_inputs_are_the_32_true_runs_rounded_to_bf16(tmp_path):
     """Through ``Trainer.fit`` with data.decode=device and data.finish=device on the CPU: Lightning converts
     the batch to bf16 before the transfer; the crop boxes (520-pixel images: coordinates that bf16 rounds to
