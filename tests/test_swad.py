@@ -386,4 +386,9 @@ def test_under_bf16_true_the_average_is_kept_in_float32_and_rounded_once():
     segment_means = seen.reshape(len(losses), every, -1).mean(1)
     expected = segment_means[list(segments)].mean(0)
     torch.testing.assert_close(module.w.detach().double(), expected, rtol=2**-8, atol=0)
-    assert all(w.dtype == torch.float32 for w in swad.state_dict()["final"])
+    saved = swad.state_dict()
+    assert all(w.dtype == torch.float32 for w in [*saved["final"], *saved["segment"]["parameters"]])
+    # A checkpoint written before issue 25 holds bfloat16 averages: a resume goes on in float32.
+    saved["final"] = [w.bfloat16() for w in saved["final"]]
+    (resumed := SWADCallback(monitor=None)).load_state_dict(saved)
+    assert all(w.dtype == torch.float32 for w in resumed.state_dict()["final"])

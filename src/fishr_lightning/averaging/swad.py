@@ -93,8 +93,8 @@ class SWADCallback(Callback):
     optimizer step are averaged (a ``torch.optim.swa_utils.AveragedModel`` of the parameters, one
     extra copy on the training device, in float32 for half-precision parameters, as Lightning's EMA
     keeps its copy: the average is cast to the parameters' dtype only when it is put in the module);
-    after each validation the segment's average is kept on the
-    CPU and the monitored loss goes to ``LossValley``, which decides, as khanrc/swad does, which
+    after each validation the segment's average is kept on the CPU and the monitored loss goes to
+    ``LossValley``, which decides, as khanrc/swad does, which
     segments make the final average (see ``fishr_lightning.averaging.loss_valley``). At the end of
     training the module's parameters are replaced by that average and, where the model has BatchNorm
     layers in training mode, their statistics are recomputed on training batches as khanrc/swad's
