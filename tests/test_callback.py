@@ -265,7 +265,7 @@ def test_backpack_under_true_half_precision_gives_the_closed_forms_penalty(monke
         expected = original_call(closed_form, features, logits, targets, domains, head=head)
         value = original_call(self, features, logits, targets, domains, head=head)
         gradients = [torch.autograd.grad(v, head.weight, retain_graph=True)[0] for v in (value, expected)]
-        compared.append((value.dtype, float(value), float(expected), *gradients))
+        compared.append((value.dtype, value.item(), expected.item(), *gradients))
         return value
 
     monkeypatch.setattr(FishrPenalty, "__call__", with_the_closed_form_beside)
