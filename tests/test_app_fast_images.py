@@ -300,6 +300,28 @@ def test_training_batches_are_the_same_whatever_the_workers_and_after_a_resume(t
     torch.testing.assert_close(cpu_run.on_after_batch_transfer(batches[0], 0)[0], in_process[0][0], atol=1e-5, rtol=0)
 
 
+def test_batchnorm_batches_after_the_last_step_are_the_same_whatever_the_workers_and_after_a_resume(tmp_path):
+    """SWAD's and BatchNormUpdate's re-estimation batches (``training_batches``, the steps after the last)
+    are the training loader's draw for those steps: with 2 workers, and under another state of the
+    process's RNG (a resumed run's), the same tensors, so the same BatchNorm statistics (issue 25)."""
+    data_dir = write_pacs(tmp_path, images_per_class=3, size=40)
+
+    def batchnorm_batches(module, rng_seed):
+        torch.manual_seed(rng_seed)  # a resumed process: the global RNG elsewhere
+        return [module.on_after_batch_transfer(batch, 0) for batch in module.training_batches(3, 2)]
+
+    in_process = batchnorm_batches(fast_pacs_module(data_dir), rng_seed=0)
+    resumed = batchnorm_batches(fast_pacs_module(data_dir, first_step=3), rng_seed=1)
+    with_workers = batchnorm_batches(fast_pacs_module(data_dir, num_workers=2), rng_seed=2)
+    training_draw = fast_pacs_module(data_dir, first_step=3)
+    training_draw.steps = 5  # a run that trains on steps 3 and 4 draws them so
+    expected = training_batches(training_draw)
+    assert len(in_process) == len(expected) == 2
+    for batches in (in_process, resumed, with_workers):
+        for batch, expected_batch in zip(batches, expected):
+            assert all(torch.equal(a, b) for a, b in zip(batch, expected_batch))
+
+
 def test_each_sample_of_a_training_batch_has_its_own_parameters(tmp_path):
     module = fast_pacs_module(write_pacs(tmp_path, images_per_class=2, size=40))
     images, _, _ = next(iter(module.train_dataloader()))

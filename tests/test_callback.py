@@ -251,6 +251,37 @@ def test_mixed_precision_computes_the_penalty_in_float32(monkeypatch, precision,
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+# Under 16-true/bf16-true the head is half precision and the penalty's features come promoted to float32;
+# BackPACK runs a float32 twin of the head (issue 25: it crashed, "mat1 and mat2 must have the same dtype").
+# Both half types run on the CPU (torch >= 2.1 has float16 matmuls there).
+@pytest.mark.parametrize("precision, unit_roundoff", [("bf16-true", 2**-8), ("16-true", 2**-11)])
+def test_backpack_under_true_half_precision_gives_the_closed_forms_penalty(monkeypatch, precision, unit_roundoff):
+    compared = []
+    original_call = FishrPenalty.__call__
+
+    def with_the_closed_form_beside(self, features, logits, targets, domains, head=None):
+        closed_form = copy.deepcopy(self)  # the same EMA state, the same inputs
+        closed_form.backend = "closed_form"
+        expected = original_call(closed_form, features, logits, targets, domains, head=head)
+        value = original_call(self, features, logits, targets, domains, head=head)
+        gradients = [torch.autograd.grad(v, head.weight, retain_graph=True)[0] for v in (value, expected)]
+        compared.append((value.dtype, value.item(), expected.item(), *gradients))
+        return value
+
+    monkeypatch.setattr(FishrPenalty, "__call__", with_the_closed_form_beside)
+    model = DomainClassifier().float()
+    data = TensorDataset(*(t.float() if t.is_floating_point() else t for t in domain_data().tensors))
+    callback = FishrCallback(penalty_weight=10.0, warmup_steps=1, ema=0.9, backend="backpack")
+    trainer(callbacks=[callback], precision=precision).fit(model, batches(data))
+    assert model.classifier.weight.dtype == {"bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
+    assert len(compared) == STEPS
+    for dtype, value, expected, gradient, expected_gradient in compared:
+        assert dtype == torch.float32 and abs(value - expected) <= unit_roundoff * expected
+        # The penalty's gradient reaches the head's own (half) weights through the twin.
+        assert (gradient - expected_gradient).abs().max() <= 4 * unit_roundoff * expected_gradient.abs().max()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # -- refusing what cannot be right ---------------------------------------------------------------
 
 

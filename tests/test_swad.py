@@ -327,3 +327,68 @@ def test_swad_is_a_plain_callback_whose_averaged_copy_holds_parameters_only():
     assert not isinstance(callback, WeightAveraging)
     assert [p.shape for p in callback._segment.module.parameters()] == [p.shape for p in module.parameters()]
     assert not any(isinstance(m, pl.LightningModule) for m in callback._segment.modules())
+
+
+# -- half precision: the average in float32 (issue 25) -----------------------------------------------
+
+
+class Drifting(pl.LightningModule):
+    """Weights pushed by a constant gradient: each moves a few bfloat16 spacings per SGD step, the
+    drift over a segment that an average kept in bfloat16 loses (its step's share falls under half a
+    spacing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.05, 0.5, -2.0, 12.0]))
+        self.register_buffer("rate", torch.tensor([-1e-3, -1e-2, 2e-2, -0.2]))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * self.rate).sum() + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class SegmentsEvery(pl.Callback):
+    """Ends SWAD's segment every ``every`` steps with the next scripted loss (as the app's valley loss
+    does), and records the weights after each step in float64."""
+
+    def __init__(self, swad, every, losses):
+        self.swad, self.every, self.losses, self.weights = swad, every, losses, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.w.detach().double().clone())
+        if trainer.global_step % self.every == 0:
+            self.swad.end_segment(trainer, self.losses[trainer.global_step // self.every - 1])
+
+
+def test_under_bf16_true_the_average_is_kept_in_float32_and_rounded_once():
+    losses, _, _, (segments, _, _) = TRACES["the run ends in the valley"]
+    every = 75
+    swad = SWADCallback(monitor=None)
+    segment_ends = SegmentsEvery(swad, every, losses)
+    trainer = pl.Trainer(
+        max_steps=every * len(losses),
+        precision="bf16-true",
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[swad, segment_ends],
+    )
+    trainer.fit(module := Drifting(), DataLoader(TensorDataset(torch.zeros(every * len(losses), 1))))
+    # The reference: the weights seen at each step (bfloat16), averaged in float64 per segment, then over
+    # the segments SWAD picks; the module's weights are that average rounded once to bfloat16.
+    seen = torch.stack(segment_ends.weights)
+    assert module.w.dtype == torch.bfloat16 and len(seen) == every * len(losses)
+    assert seen[-1, 0] - seen[0, 0] > 0.2  # the weights did drift (each by dozens of spacings)
+    segment_means = seen.reshape(len(losses), every, -1).mean(1)
+    expected = segment_means[list(segments)].mean(0)
+    torch.testing.assert_close(module.w.detach().double(), expected, rtol=2**-8, atol=0)
+    saved = swad.state_dict()
+    assert all(w.dtype == torch.float32 for w in [*saved["final"], *saved["segment"]["parameters"]])
+    # A checkpoint written before issue 25 holds bfloat16 averages: a resume goes on in float32.
+    saved["final"] = [w.bfloat16() for w in saved["final"]]
+    (resumed := SWADCallback(monitor=None)).load_state_dict(saved)
+    assert all(w.dtype == torch.float32 for w in resumed.state_dict()["final"])

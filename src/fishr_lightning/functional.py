@@ -156,10 +156,17 @@ def backpack_per_sample_gradients(
     backward runs through ``torch.autograd.grad`` so that no ``.grad`` of the model is touched, and
     it names ``features_ND`` among its inputs: with the head's parameters alone BackPACK ≥ 1.4
     leaves ``grad_batch`` empty (BackPACK issue #233).
+
+    A head in another dtype than the features (under ``16-true``/``bf16-true`` the head is half
+    precision and the features come promoted to float32, as the closed form computes) runs as
+    ``linear_in_dtype``'s twin in the features' dtype: the gradients are the closed form's, in float32,
+    and the graph still reaches the head's own parameters (issue 25).
     """
     from backpack import backpack
     from backpack.extensions import BatchGrad
 
+    if head.weight.dtype != features_ND.dtype:
+        head = linear_in_dtype(head, features_ND.dtype)
     params = [p for p in (head.weight, head.bias) if p is not None]
     inputs = params + ([features_ND] if features_ND.requires_grad else [])
     loss_N = per_sample_loss(head(features_ND), targets, loss)
@@ -177,6 +184,21 @@ def backpack_per_sample_gradients(
             if hasattr(p, "grad_batch"):
                 del p.grad_batch
     return grads_NP
+
+
+def linear_in_dtype(head: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    """A BackPACK-extended ``nn.Linear`` whose weight and bias are ``head``'s cast to ``dtype``: plain
+    tensors, not parameters, so that the casts stay in the graph (a gradient through the twin reaches
+    ``head``'s parameters) and BackPACK stores ``grad_batch`` on them."""
+    from backpack import extend
+
+    twin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    for name in ("weight", "bias"):
+        value = getattr(head, name)
+        if value is not None:
+            delattr(twin, name)  # a registered parameter would refuse a non-leaf tensor
+            setattr(twin, name, value.to(dtype))
+    return extend(twin)
 
 
 def check_domain_counts(count_E: Tensor | list[float], min_samples: int = 2) -> None:

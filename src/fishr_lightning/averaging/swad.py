@@ -39,6 +39,33 @@ class _Parameters(nn.Module):
         self.values = nn.ParameterList(parameters)
 
 
+def averaging_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype SWAD averages a parameter of ``dtype`` in: float32 for half-precision parameters, as
+    Lightning's ``EMAWeightAveraging`` keeps its copy (issue 25: averaged in bfloat16, a weight drifting
+    0.05 -> 0.08 over 300 steps averages to 0.0500, not 0.0650, as each step's share ``(w − avg) / (n + 1)``
+    falls under half of bfloat16's spacing), the parameters' own dtype otherwise: float32 and float64
+    runs average exactly as khanrc/swad's ``AveragedModel`` does."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _averaging_copy(parameters: Iterable[nn.Parameter]) -> _Parameters:
+    """A detached copy of ``parameters``, each in its ``averaging_dtype``: the segment average's storage."""
+    return _Parameters(
+        nn.Parameter(p.detach().to(averaging_dtype(p.dtype), copy=True), requires_grad=False) for p in parameters
+    )
+
+
+def _averaging_view(parameters: _Parameters) -> _Parameters:
+    """``parameters`` as the average reads them: themselves where each is in its averaging dtype, else
+    their casts (``AveragedModel`` moves the model's tensors to its device but keeps their dtype, and its
+    ``foreach`` update needs both sides in one dtype)."""
+    if all(p.dtype == averaging_dtype(p.dtype) for p in parameters.parameters()):
+        return parameters
+    return _Parameters(
+        nn.Parameter(p.detach().to(averaging_dtype(p.dtype)), requires_grad=False) for p in parameters.parameters()
+    )
+
+
 @dataclass(frozen=True)
 class SWADSummary:
     """What the final weights are: ``status`` (valley closed / run ended in the valley / valley never
@@ -64,8 +91,10 @@ class SWADCallback(Callback):
 
     Training is cut into segments by the validation runs. Within a segment the weights after every
     optimizer step are averaged (a ``torch.optim.swa_utils.AveragedModel`` of the parameters, one
-    extra copy on the training device); after each validation the segment's average is kept on the
-    CPU and the monitored loss goes to ``LossValley``, which decides, as khanrc/swad does, which
+    extra copy on the training device, in float32 for half-precision parameters, as Lightning's EMA
+    keeps its copy: the average is cast to the parameters' dtype only when it is put in the module);
+    after each validation the segment's average is kept on the CPU and the monitored loss goes to
+    ``LossValley``, which decides, as khanrc/swad does, which
     segments make the final average (see ``fishr_lightning.averaging.loss_valley``). At the end of
     training the module's parameters are replaced by that average and, where the model has BatchNorm
     layers in training mode, their statistics are recomputed on training batches as khanrc/swad's
@@ -151,7 +180,7 @@ class SWADCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in setup: layers made in configure_model exist, and the module is on its device.
         self._parameters = _Parameters(pl_module.parameters())
-        self._segment = AveragedModel(self._parameters, use_buffers=False)
+        self._segment = AveragedModel(_averaging_copy(self._parameters.parameters()), use_buffers=False)
         restored, self._restored_segment = self._restored_segment, None
         if restored is not None:
             with torch.no_grad():
@@ -169,7 +198,7 @@ class SWADCallback(Callback):
         if trainer.global_step > self._latest_update_step:  # an optimizer step happened
             if self._segment_first_step is None:
                 self._segment_first_step = trainer.global_step
-            self._segment.update_parameters(self._parameters)
+            self._segment.update_parameters(_averaging_view(self._parameters))
             self._latest_update_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,7 +266,7 @@ class SWADCallback(Callback):
             final = self._kept_segments[segments[-1]]
         with torch.no_grad():
             for parameter, average in zip(pl_module.parameters(), final):
-                parameter.copy_(average.to(parameter.device))
+                parameter.copy_(average.to(parameter.device))  # the one rounding to a half dtype (issue 25)
         batchnorm_batches = self._recompute_batchnorm(trainer, pl_module)
         converged_at = self._segment_steps.get(self.valley.converge_segment, (None, None))[1]
         self.summary = SWADSummary(
@@ -283,9 +312,14 @@ class SWADCallback(Callback):
         self.valley.load_state_dict(state_dict["valley"])
         self._segment_first_step = state_dict["segment_first_step"]
         self._segment_steps = {int(i): tuple(steps) for i, steps in state_dict["segment_steps"].items()}
-        self._kept_segments = {int(i): list(w) for i, w in state_dict["kept_segments"].items()}
-        self._final = state_dict["final"]
+        # A checkpoint of an older version holds half-precision averages: go on in the averaging dtype.
+        self._kept_segments = {int(i): _in_averaging_dtype(w) for i, w in state_dict["kept_segments"].items()}
+        self._final = None if state_dict["final"] is None else _in_averaging_dtype(state_dict["final"])
         self._final_count = int(state_dict["final_count"])
         self._latest_update_step = int(state_dict["latest_update_step"])
         self._batchnorm_trainable = state_dict["batchnorm_trainable"]
         self._restored_segment = state_dict["segment"]  # applied in on_train_start
+
+
+def _in_averaging_dtype(weights: Iterable[Tensor]) -> list[Tensor]:
+    return [w.to(averaging_dtype(w.dtype)) for w in weights]

@@ -382,7 +382,11 @@ class DomainBedDataModule(pl.LightningDataModule):
         """The training batches of steps ``first_step .. first_step + num_steps - 1``, this process's
         share, as the training loader draws them: past the run's last step too. SWAD's BatchNorm
         re-estimation reads the steps after the last (khanrc/swad's ``update_bn`` draws the next
-        batches of the run's infinite training iterator), whatever step the run ended at."""
+        batches of the run's infinite training iterator), whatever step the run ended at.
+
+        Each sample's augmentation is seeded by ``(seed, step, slot)`` (``SeededSamples``), whatever the
+        pipeline: the statistics re-estimated on these batches are the same after a resume and with any
+        number of loader workers (issue 25; unseeded, they drew from the RNG of the process or worker)."""
         trainer = self.trainer
         dataset = self.train_dataset()
         sampler = DomainBatchSampler(
@@ -393,9 +397,10 @@ class DomainBedDataModule(pl.LightningDataModule):
             first_step=lambda: first_step,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            keyed=True,
         )
         options = {**self.loader_options, "persistent_workers": False}  # read once
-        return DataLoader(dataset, batch_sampler=sampler, **options)
+        return DataLoader(SeededSamples(dataset, self.seed), batch_sampler=sampler, **options)
 
     def eval_splits(self, augmentation: bool | None = None) -> list[DomainSplit]:
         """Every domain's in split, then every out split (``eval_names``' order); the training domains'
