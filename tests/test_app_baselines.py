@@ -186,3 +186,15 @@ def test_per_domain_forward_keeps_the_batch_order_of_a_shuffled_batch():
         module.training_step((x[perm], y[perm], domains[perm]), 0)
         logits_of[name] = captured[0]
     torch.testing.assert_close(logits_of["shuffled"], logits_of["blocks"][order])
+
+
+def test_mixup_with_a_head_penalty_is_refused():
+    """Mixup's head rows are the pairs' mixed inputs, not the batch's samples: a head penalty would pair them
+    with other samples' targets (silently without trainable BatchNorm, issue 25)."""
+    from fishr_lightning.app import AppError
+    from fishr_lightning.baselines import SDCallback
+
+    module = app_module(False, per_domain_forward=True, mixup_alpha=0.2)
+    with pytest.raises(AppError, match=r"^Mixup \(mixup_alpha=0.2\) cannot run with SDCallback: Mixup feeds the head"):
+        fit(module, [SDCallback()])
+    assert "training_step" not in vars(module)  # the callback's wrapper is taken off again

@@ -9,6 +9,7 @@ backward, and owns the schedule, the logging and the checkpoint state; a subclas
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -120,9 +121,10 @@ class HeadPenaltyCallback(Callback):
     - ``configure_penalty(trainer, pl_module)``: once per fit, after the head is resolved (its module
       is ``self.head_module``), before the first training batch: cross-rank reductions, BackPACK;
     - ``combine(loss, penalty, weight) -> Tensor``: how the penalty joins the module's loss; the
-      default is ``loss + weight · penalty`` (and ``loss`` itself while ``weight`` is 0). Override it
-      for DomainBed's IRM/V-REx (which divide the sum by ``weight`` once ``weight > 1``) or
-      GroupDRO (whose robust loss replaces the module's).
+      default is ``loss + weight · penalty`` (and ``loss`` itself while ``weight`` is 0), which is
+      DomainBed's IRM and V-REx too (issue 25: it is the IRM paper's Colored MNIST script, not
+      DomainBed, that divides the sum by ``weight`` once ``weight > 1``). Override it for a penalty
+      that is not added, e.g. GroupDRO (whose robust loss replaces the module's).
 
     A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_batch_start``,
     ``teardown``, ``on_exception``) calls ``super()``. The base does nothing across processes: under
@@ -181,7 +183,10 @@ class HeadPenaltyCallback(Callback):
         self.schedule = schedule
         self.head = head
         self.requested_head = head
-        self.targets_and_domains = targets_and_domains or heads.default_targets_and_domains
+        # The default reader names this callback in its error (issue 25).
+        self.targets_and_domains = targets_and_domains or partial(
+            heads.default_targets_and_domains, owner=type(self).__name__
+        )
         self._head_module: nn.Linear | None = None
         self._captured: list[tuple[Tensor, Tensor]] = []
         self._module: pl.LightningModule | None = None
@@ -251,7 +256,7 @@ class HeadPenaltyCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model (heads created there exist now) and before the first batch (issue 18, item 8).
-        self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head)
+        self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head, type(self).__name__)
         self.configure_penalty(trainer, pl_module)
         self._install(pl_module)
 

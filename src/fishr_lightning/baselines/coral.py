@@ -22,7 +22,8 @@ class CORALCallback(DomainPenaltyCallback):
         targets_and_domains: ``batch -> (targets, domain_ids)`` for other batch layouts.
         name: log prefix (default ``"coral"``).
 
-    DomainBed runs the featurizer once per domain: with BatchNorm in training mode each domain is
+    With one training domain the penalty is 0 and training is ERM's, as DomainBed's (it averages over
+    pairs only ``if nmb > 1``). DomainBed runs the featurizer once per domain: with BatchNorm in training mode each domain is
     normalised by its own statistics, which a module with one forward of the whole batch does not do
     (the app's module runs one forward per domain then). Under DDP the means and covariances are the
     global batch's (sums reduced over ranks).
