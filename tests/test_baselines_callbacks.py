@@ -56,6 +56,26 @@ class DomainClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=LR)
 
 
+class DictOutputs(DomainClassifier):
+    """The app's module's output: the loss and the cross-entropy, whose records follow DomainBed's returned dict."""
+
+    def training_step(self, batch, batch_idx):
+        nll = super().training_step(batch, batch_idx)
+        return {"loss": nll, "nll": nll.detach()}
+
+
+class RecordedLosses(Callback):
+    """What the app records of each step (``step_losses``): DomainBed's ``loss``, ``nll`` and penalties."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from fishr_lightning.app.training.evaluation import step_losses
+
+        self.values.append(step_losses(outputs, trainer))
+
+
 def dataset(steps=STEPS, seed=1):
     """Each step's batch: one contiguous block of B samples per domain, domains shifted apart."""
     g = torch.Generator().manual_seed(seed)
@@ -113,14 +133,20 @@ def assert_same_weights(module, algorithm, rtol=1e-9):
 def test_callback_trains_as_domainbeds_update(name):
     callback_class, hparams, returned_key = ALGORITHMS[name]
     data = dataset()
-    module = DomainClassifier()
+    module = DictOutputs()
     algorithm, returned = domainbed(name, module, data, hparams)
     callback = callback_class(**hparams, head="classifier")
-    logged = RecordLogged(f"{callback.name}/penalty")
-    fit(module, [callback, logged], data)
+    logged, recorded = RecordLogged(f"{callback.name}/penalty"), RecordedLosses()
+    fit(module, [callback, logged, recorded], data)
     assert_same_weights(module, algorithm)
     assert logged.values == pytest.approx([r[returned_key] for r in returned], rel=1e-9, abs=1e-12)
-    assert type(module).training_step is DomainClassifier.training_step and "training_step" not in vars(module)
+    # The app's records mean what DomainBed's returned dict means (issue 25): `loss` is the cross-entropy
+    # alone for CORAL, MMD and SD, the objective for IRM and V-REx, the robust loss for GroupDRO (no penalty).
+    for ours, theirs in zip(recorded.values, returned, strict=True):
+        assert set(theirs) <= set(ours) and ("penalty" in ours) is ("penalty" in theirs)
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+    assert type(module).training_step is DictOutputs.training_step and "training_step" not in vars(module)
 
 
 def test_irm_and_vrex_weigh_one_before_annealing_then_lambda():
@@ -167,12 +193,14 @@ def test_groupdro_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tm
 
 
 def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
-    """Fishr + CORAL on one Trainer equal DomainBed-style Fishr with CORAL's penalty added by hand."""
+    """Fishr + CORAL on one Trainer equal DomainBed-style Fishr with CORAL's penalty added by hand; the records
+    keep each raw penalty under its own name, and `loss` is Fishr's objective without CORAL's term (issue 25)."""
     import fishr_reference
 
     data = dataset()
-    module = DomainClassifier()
+    module = DictOutputs()
     expected = copy.deepcopy(module)
+    expected_records = []
     optimizer = torch.optim.Adam(expected.parameters(), lr=LR)
     fishr = fishr_reference.ReferenceFishr(E, ema=0.9)
     for step, minibatches in enumerate(minibatches_of_each_step(data)):
@@ -183,15 +211,28 @@ def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
         features = expected.featurizer(x)
         fishr_penalty = fishr(expected.classifier, features, y, domains)
         coral = ref.pairwise_mmd(list(features.split(B)), gaussian=False)
-        loss = F.cross_entropy(expected.classifier(features), y) + 3.0 * coral
-        loss = loss + (50.0 * fishr_penalty if step >= ANNEAL else 0.0)
+        nll = F.cross_entropy(expected.classifier(features), y)
+        fishr_objective = nll + (50.0 * fishr_penalty if step >= ANNEAL else 0.0)
+        loss = fishr_objective + 3.0 * coral
+        expected_records.append(
+            {
+                "loss": fishr_objective.item(),
+                "nll": nll.item(),
+                "fishr_penalty": fishr_penalty.item(),
+                "coral_penalty": coral.item(),
+            }
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     logs = [RecordLogged(key) for key in ("fishr/penalty", "coral/penalty", "fishr/weight", "coral/weight")]
-    fit(module, [FishrCallback(penalty_weight=50.0, warmup_steps=ANNEAL, ema=0.9), CORALCallback(3.0), *logs], data)
+    recorded = RecordedLosses()
+    fishr, coral = FishrCallback(penalty_weight=50.0, warmup_steps=ANNEAL, ema=0.9), CORALCallback(3.0)
+    fit(module, [coral, fishr, *logs, recorded], data)  # CORAL innermost: Fishr's term still joins the loss
     assert_same_weights(module, expected)
+    for ours, theirs in zip(recorded.values, expected_records, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
     assert logs[2].values == [0.0] * ANNEAL + [50.0] * (STEPS - ANNEAL) and logs[3].values == [3.0] * STEPS
     assert logs[0].values != logs[1].values
 

@@ -33,6 +33,12 @@ class _Absent:
 
 _ABSENT = _Absent()
 
+# The entry of a dict-returning ``training_step``'s output that holds the loss DomainBed's ``update()``
+# returns as ``loss`` (issue 25), where it differs from the objective that is back-propagated: CORAL, MMD
+# and SD return the cross-entropy alone. Set by the first callback whose penalty DomainBed leaves out of
+# it, detached; records (the app's ``results.jsonl``) read it in place of ``loss`` when present.
+DOMAINBED_LOSS_KEY = "domainbed_loss"
+
 
 class _PenalisedTrainingStep:
     """The instance attribute ``training_step`` a penalty callback sets on the module during a fit.
@@ -146,6 +152,10 @@ class HeadPenaltyCallback(Callback):
       ``self.training_step`` gets the plain output; nothing is computed, logged or updated.
     - *Logging*: ``<name>/penalty`` (the raw penalty) and ``<name>/weight`` (λ_t) at every step; the
       last raw penalty is also ``last_penalty``.
+    - *DomainBed's returned loss*: a subclass whose penalty DomainBed's ``update()`` leaves out of the
+      ``loss`` it returns (``penalty_in_domainbed_loss = False``: CORAL, MMD, SD) adds
+      ``DOMAINBED_LOSS_KEY`` to a dict output: the loss without its weighted penalty, to which the
+      later callbacks' terms are added; the objective under ``loss`` is unchanged.
     - *Several penalties*: any number of these callbacks may share a Trainer (and a head), each with
       its own schedule, logs and checkpoint state, as long as their names differ; their
       penalties fold into the loss in the order of the callbacks list (the first listed innermost).
@@ -168,6 +178,9 @@ class HeadPenaltyCallback(Callback):
     """
 
     name: str = "penalty"
+    # Whether DomainBed's update() counts the weighted penalty in the ``loss`` it returns (IRM, V-REx, Fishr:
+    # the objective) or returns the cross-entropy alone (CORAL, MMD, SD); see ``DOMAINBED_LOSS_KEY``.
+    penalty_in_domainbed_loss: ClassVar[bool] = True
     manual_optimization_hint: ClassVar[str] = "Add the penalty to the loss you pass to self.manual_backward yourself."
 
     def __init__(
@@ -373,7 +386,13 @@ class HeadPenaltyCallback(Callback):
         if isinstance(output, Tensor):
             return self.combine(output, penalty, weight)
         if isinstance(output, Mapping) and "loss" in output:
-            return {**output, "loss": self.combine(output["loss"], penalty, weight)}
+            combined = self.combine(output["loss"], penalty, weight)
+            result = {**output, "loss": combined}
+            if not self.penalty_in_domainbed_loss:
+                result[DOMAINBED_LOSS_KEY] = output.get(DOMAINBED_LOSS_KEY, output["loss"].detach())
+            elif DOMAINBED_LOSS_KEY in output:  # an earlier callback's penalty is left out: this one's term is not
+                result[DOMAINBED_LOSS_KEY] = output[DOMAINBED_LOSS_KEY] + (combined - output["loss"]).detach()
+            return result
         raise FishrInputError(
             f"training_step returned a {type(output).__name__}; {kind} adds its penalty to a loss tensor or "
             "to the 'loss' entry of a dict. Return one of those."

@@ -30,6 +30,7 @@ class CORALCallback(DomainPenaltyCallback):
     """
 
     name = "coral"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class MMDCallback(DomainPenaltyCallback):
     """
 
     name = "mmd"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
 
     def __init__(
         self,

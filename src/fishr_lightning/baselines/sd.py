@@ -26,6 +26,7 @@ class SDCallback(DomainPenaltyCallback):
     """
 
     name = "sd"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
     uses_domain_ids = False  # SD's penalty is over the logits alone (issue 25: no domain ids demanded)
 
     def __init__(
