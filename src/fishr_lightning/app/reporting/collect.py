@@ -14,7 +14,7 @@ and mean ± standard error over trials, then DomainBed's averages table over dat
 
 DomainBed groups records by (trial_seed, dataset, algorithm, test_envs, hparams_seed); the app records
 more arguments that change an experiment (``backbone``, ``steps``, ``eval_augmentation``,
-``data_pipeline``, ``precision``, extra ``callbacks``, an averaged record's ``averaging``, ...). Runs that
+``data_pipeline``, ``precision``, an averaged record's ``averaging``, hand-set hyperparameters, ...). Runs that
 differ in any of them are never pooled (issue 25): each setting is a row of its own, named after the
 arguments in which the dataset's runs of one algorithm differ (``ERM [backbone=resnet50]``). Every
 recorded argument counts, except DomainBed's grouping keys and the options the app itself treats as not

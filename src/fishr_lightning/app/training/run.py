@@ -147,16 +147,8 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "save_model": cfg.save_model,
         "data_pipeline": pipeline,  # fast, domainbed, or tensors
         **({"data_decode": decode} if pipeline == "fast" else {}),
-        # Axes of the experiment that fishr-collect keys its cells on (issue 25); callbacks only when added.
-        "precision": str(cfg.trainer.get("precision", "32-true")),
-        **({"callbacks": extra_callbacks} if (extra_callbacks := extra_callback_settings(cfg)) else {}),
+        "precision": str(cfg.trainer.get("precision", "32-true")),  # fishr-collect keys its cells on it (issue 25)
     }
-
-
-def extra_callback_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The extra Lightning callbacks (``+callbacks=NAME``) and their settings, as recorded in ``args.callbacks``."""
-    nodes = OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else {}
-    return {name: node for name, node in nodes.items() if node is not None}
 
 
 def data_options(cfg: DictConfig) -> tuple[str, str]:
