@@ -410,6 +410,7 @@ def app_record(algorithm, hparams_seed, step, accuracies, backbone, **args) -> d
     from fishr_lightning.app.seeding import domainbed_sweep_seed
 
     record = make_record("toy", algorithm, [0], hparams_seed, 0, step, accuracies)
+    record["hparams"]["resnet18"] = backbone == "resnet18"  # follows the backbone: no axis of its own
     record["args"].update(
         seed=domainbed_sweep_seed("toy", algorithm, [0], hparams_seed, 0),
         output_dir=f"/sweep/{algorithm},{backbone},{hparams_seed}",

@@ -23,9 +23,9 @@ class CORALCallback(DomainPenaltyCallback):
         name: log prefix (default ``"coral"``).
 
     With one training domain the penalty is 0 and training is ERM's, as DomainBed's (it averages over
-    pairs only ``if nmb > 1``). DomainBed runs the featurizer once per domain: with BatchNorm in training mode each domain is
-    normalised by its own statistics, which a module with one forward of the whole batch does not do
-    (the app's module runs one forward per domain then). Under DDP the means and covariances are the
+    pairs only ``if nmb > 1``). DomainBed runs the featurizer once per domain: with BatchNorm in
+    training mode each domain is normalised by its own statistics, which a module with one forward of
+    the whole batch does not do (the app's module runs one forward per domain then). Under DDP the means and covariances are the
     global batch's (sums reduced over ranks).
     """
 

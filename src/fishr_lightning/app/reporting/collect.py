@@ -137,15 +137,15 @@ def _names_that_differ(group: Sequence[dict[str, str]]) -> set[str]:
 
 def differing_arguments(records: Sequence[Record]) -> dict[str, list[str]]:
     """Per dataset, the arguments in which its records of one algorithm differ (a value, or whether it is
-    recorded), and the hyperparameters (``hparams.<name>``) in which the records of one run's cell keys differ:
-    the same ``hparams_seed`` draws the same hyperparameters, so those were set by hand (``+hparams.lr=...``,
-    ``batch_size=...``) and are experiments of their own too."""
+    recorded), and the hyperparameters (``hparams.<name>``) in which records of the same cell keys and
+    arguments differ: the same ``hparams_seed`` draws the same hyperparameters, so those were set by hand
+    (``+hparams.lr=...``, ``batch_size=...``) and are experiments of their own too."""
     arguments_by_algorithm: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
     hparams_by_run: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for record in records:
-        arguments = record["args"]
-        arguments_by_algorithm[(arguments["dataset"], arguments["algorithm"])].append(experiment_arguments(record))
-        run_key = tuple(json.dumps(arguments[name]) for name in sorted(CELL_ARGS))
+        arguments, experiment = record["args"], experiment_arguments(record)
+        arguments_by_algorithm[(arguments["dataset"], arguments["algorithm"])].append(experiment)
+        run_key = (*(json.dumps(arguments[name]) for name in sorted(CELL_ARGS)), *sorted(experiment.items()))
         hparams_by_run[run_key].append(_hyperparameters(record))
     differing: dict[str, set[str]] = defaultdict(set)
     for (dataset, _), group in arguments_by_algorithm.items():
