@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fishr_lightning.app.seeding import seed_hash
+from fishr_lightning.app.training.evaluation import step_losses
 from fishr_lightning.app.training.module import DomainClassifier
 
 E, B, STEPS, LR = 3, 6, 4, 0.05
@@ -52,6 +53,16 @@ def minibatches_of_each_step():
         yield [(xb, yb) for xb, yb in zip(x[rows].split(B), y[rows].split(B))]
 
 
+class RecordedLosses(pl.Callback):
+    """The loss terms the app records of each step (``step_losses``)."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(step_losses(outputs, trainer))
+
+
 def fit(module, callbacks=()):
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -81,14 +92,19 @@ def test_mixup_equals_domainbeds_update(batchnorm):
     algorithm = ref.DomainBedAlgorithm(
         "Mixup", copy.deepcopy(module.featurizer), copy.deepcopy(module.classifier), {"mixup_alpha": alpha}, LR
     )
+    returned = []
     for step, minibatches in enumerate(minibatches_of_each_step()):
         # The app's draws: each step's permutation and λ's from (mixup_seed, step) only.
         seed = seed_hash(3, step)
         perm = torch.randperm(E, generator=torch.Generator().manual_seed(seed)).tolist()
         lams = np.random.RandomState(seed).beta(alpha, alpha, size=E)
-        algorithm.update(minibatches, lams=[float(lam) for lam in lams], perm=perm)
-    fit(module)
+        returned.append(algorithm.update(minibatches, lams=[float(lam) for lam in lams], perm=perm))
+    recorded = RecordedLosses()
+    fit(module, [recorded])
     assert_same_weights(module, algorithm)
+    # The record's `loss` is DomainBed's Mixup objective, and Mixup has no penalty (issue 25).
+    assert [values["loss"] for values in recorded.values] == pytest.approx([r["loss"] for r in returned], rel=1e-9)
+    assert not any("penalty" in values for values in recorded.values)
 
 
 @pytest.mark.parametrize("name", ["CORAL", "GroupDRO"])
@@ -162,6 +178,8 @@ def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys):
         assert last["args"]["algorithm"] == NAMES[algorithm]
         # Each callback's last_penalty is recorded as DomainBed's `penalty`; GroupDRO records only its loss.
         assert ("penalty" in last) is (algorithm not in ("mixup", "groupdro"))
+        # DomainBed's CORAL, MMD and SD return the cross-entropy alone as `loss` (issue 25).
+        assert (last["loss"] == last["nll"]) is (algorithm in ("coral", "mmd", "sd", "mixup")), algorithm
 
     assert collect.main([str(sweep_dir), "--hparams"]) == 0
     out = capsys.readouterr().out
@@ -186,3 +204,15 @@ def test_per_domain_forward_keeps_the_batch_order_of_a_shuffled_batch():
         module.training_step((x[perm], y[perm], domains[perm]), 0)
         logits_of[name] = captured[0]
     torch.testing.assert_close(logits_of["shuffled"], logits_of["blocks"][order])
+
+
+def test_mixup_with_a_head_penalty_is_refused():
+    """Mixup's head rows are the pairs' mixed inputs, not the batch's samples: a head penalty would pair them
+    with other samples' targets (silently without trainable BatchNorm, issue 25)."""
+    from fishr_lightning.app import AppError
+    from fishr_lightning.baselines import SDCallback
+
+    module = app_module(False, per_domain_forward=True, mixup_alpha=0.2)
+    with pytest.raises(AppError, match=r"^Mixup \(mixup_alpha=0.2\) cannot run with SDCallback: Mixup feeds the head"):
+        fit(module, [SDCallback()])
+    assert "training_step" not in vars(module)  # the callback's wrapper is taken off again

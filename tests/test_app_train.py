@@ -259,6 +259,8 @@ def test_extra_callbacks_from_the_callbacks_group_are_instantiated(monkeypatch, 
         == 0
     )
     assert "lr-Adam" in (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    # Recorded, so that fishr-collect keys its cells on it (issue 25); extra callbacks are not (they do not change results).
+    assert records(run_dir)[-1]["args"]["precision"] == "32-true" and "callbacks" not in records(run_dir)[-1]["args"]
 
 
 def test_a_missing_data_directory_exits_with_the_layout_and_the_download_command(monkeypatch, tmp_path, capsys):

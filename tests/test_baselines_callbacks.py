@@ -56,6 +56,26 @@ class DomainClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=LR)
 
 
+class DictOutputs(DomainClassifier):
+    """The app's module's output: the loss and the cross-entropy, whose records follow DomainBed's returned dict."""
+
+    def training_step(self, batch, batch_idx):
+        nll = super().training_step(batch, batch_idx)
+        return {"loss": nll, "nll": nll.detach()}
+
+
+class RecordedLosses(Callback):
+    """What the app records of each step (``step_losses``): DomainBed's ``loss``, ``nll`` and penalties."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from fishr_lightning.app.training.evaluation import step_losses
+
+        self.values.append(step_losses(outputs, trainer))
+
+
 def dataset(steps=STEPS, seed=1):
     """Each step's batch: one contiguous block of B samples per domain, domains shifted apart."""
     g = torch.Generator().manual_seed(seed)
@@ -113,14 +133,20 @@ def assert_same_weights(module, algorithm, rtol=1e-9):
 def test_callback_trains_as_domainbeds_update(name):
     callback_class, hparams, returned_key = ALGORITHMS[name]
     data = dataset()
-    module = DomainClassifier()
+    module = DictOutputs()
     algorithm, returned = domainbed(name, module, data, hparams)
     callback = callback_class(**hparams, head="classifier")
-    logged = RecordLogged(f"{callback.name}/penalty")
-    fit(module, [callback, logged], data)
+    logged, recorded = RecordLogged(f"{callback.name}/penalty"), RecordedLosses()
+    fit(module, [callback, logged, recorded], data)
     assert_same_weights(module, algorithm)
     assert logged.values == pytest.approx([r[returned_key] for r in returned], rel=1e-9, abs=1e-12)
-    assert type(module).training_step is DomainClassifier.training_step and "training_step" not in vars(module)
+    # The app's records mean what DomainBed's returned dict means (issue 25): `loss` is the cross-entropy
+    # alone for CORAL, MMD and SD, the objective for IRM and V-REx, the robust loss for GroupDRO (no penalty).
+    for ours, theirs in zip(recorded.values, returned, strict=True):
+        assert set(theirs) <= set(ours) and ("penalty" in ours) is ("penalty" in theirs)
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+    assert type(module).training_step is DictOutputs.training_step and "training_step" not in vars(module)
 
 
 def test_irm_and_vrex_weigh_one_before_annealing_then_lambda():
@@ -167,12 +193,14 @@ def test_groupdro_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tm
 
 
 def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
-    """Fishr + CORAL on one Trainer equal DomainBed-style Fishr with CORAL's penalty added by hand."""
+    """Fishr + CORAL on one Trainer equal DomainBed-style Fishr with CORAL's penalty added by hand; the records
+    keep each raw penalty under its own name, and `loss` is Fishr's objective without CORAL's term (issue 25)."""
     import fishr_reference
 
     data = dataset()
-    module = DomainClassifier()
+    module = DictOutputs()
     expected = copy.deepcopy(module)
+    expected_records = []
     optimizer = torch.optim.Adam(expected.parameters(), lr=LR)
     fishr = fishr_reference.ReferenceFishr(E, ema=0.9)
     for step, minibatches in enumerate(minibatches_of_each_step(data)):
@@ -183,15 +211,28 @@ def test_fishr_and_another_penalty_compose_each_with_its_schedule_and_logs():
         features = expected.featurizer(x)
         fishr_penalty = fishr(expected.classifier, features, y, domains)
         coral = ref.pairwise_mmd(list(features.split(B)), gaussian=False)
-        loss = F.cross_entropy(expected.classifier(features), y) + 3.0 * coral
-        loss = loss + (50.0 * fishr_penalty if step >= ANNEAL else 0.0)
+        nll = F.cross_entropy(expected.classifier(features), y)
+        fishr_objective = nll + (50.0 * fishr_penalty if step >= ANNEAL else 0.0)
+        loss = fishr_objective + 3.0 * coral
+        expected_records.append(
+            {
+                "loss": fishr_objective.item(),
+                "nll": nll.item(),
+                "fishr_penalty": fishr_penalty.item(),
+                "coral_penalty": coral.item(),
+            }
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
     logs = [RecordLogged(key) for key in ("fishr/penalty", "coral/penalty", "fishr/weight", "coral/weight")]
-    fit(module, [FishrCallback(penalty_weight=50.0, warmup_steps=ANNEAL, ema=0.9), CORALCallback(3.0), *logs], data)
+    recorded = RecordedLosses()
+    fishr, coral = FishrCallback(penalty_weight=50.0, warmup_steps=ANNEAL, ema=0.9), CORALCallback(3.0)
+    fit(module, [coral, fishr, *logs, recorded], data)  # CORAL innermost: Fishr's term still joins the loss
     assert_same_weights(module, expected)
+    for ours, theirs in zip(recorded.values, expected_records, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
     assert logs[2].values == [0.0] * ANNEAL + [50.0] * (STEPS - ANNEAL) and logs[3].values == [3.0] * STEPS
     assert logs[0].values != logs[1].values
 
@@ -224,3 +265,94 @@ def test_under_bf16_mixed_every_penalty_is_computed_in_float32():
     assert set(seen) == {(torch.float32, torch.float32, False)} and len(seen) == 2 * len(callbacks)
     finite = [torch.isfinite(torch.tensor(c.last_penalty)) for c in callbacks if not isinstance(c, GroupDROCallback)]
     assert len(finite) == len(callbacks) - 1 and all(finite)
+
+
+# ----------------------------------------------- issue 25: one training domain, domain ids, errors
+
+
+def test_coral_and_mmd_with_one_training_domain_train_as_erm():
+    """DomainBed averages the alignment over pairs only `if nmb > 1`: one training domain is ERM, penalty 0
+    (a leave-one-out pair run on a 3-domain dataset used to end in FishrInputError)."""
+    x, y, _ = dataset(steps=2).tensors
+    one_domain = TensorDataset(x, y, torch.zeros_like(y))
+    module = DomainClassifier()
+    erm = ref.DomainBedAlgorithm("ERM", copy.deepcopy(module.featurizer), copy.deepcopy(module.classifier), {}, LR)
+    for rows in torch.arange(len(y)).split(E * B):
+        erm.update([(x[rows], y[rows])])
+    logged = [RecordLogged("coral/penalty"), RecordLogged("mmd/penalty")]
+    fit(module, [CORALCallback(5.0, num_domains=1), MMDCallback(5.0), *logged], one_domain, max_steps=2)
+    assert_same_weights(module, erm, rtol=0)
+    assert logged[0].values == logged[1].values == [0.0, 0.0]
+
+
+def test_domain_ids_are_checked_as_fishr_checks_them():
+    data = dataset(steps=2)
+    data.tensors[2][5] = E  # an id past the given num_domains
+    with pytest.raises(FishrInputError, match=rf"^VRExCallback: domain id {E} is outside \[0, {E}\)"):
+        fit(DomainClassifier(), [VRExCallback(num_domains=E)], data, max_steps=2)
+    # num_domains inferred from a first batch without the top domain: the next batch's top id is refused,
+    # never left out of every later penalty.
+    data = dataset(steps=2)
+    data.tensors[2][: E * B][data.tensors[2][: E * B] == E - 1] = 0
+    with pytest.raises(FishrInputError, match=rf"^CORALCallback: domain id {E - 1} is outside \[0, {E - 1}\)"):
+        fit(DomainClassifier(), [CORALCallback()], data, max_steps=2)
+    float_ids = TensorDataset(*dataset(steps=1).tensors[:2], dataset(steps=1).tensors[2].double())
+    with pytest.raises(FishrInputError, match="Domain ids must be an integer tensor"):
+        fit(DomainClassifier(), [GroupDROCallback()], float_ids, max_steps=1)
+
+
+def test_callbacks_name_themselves_in_errors_and_sd_reads_no_domain_ids():
+    data = dataset(steps=1)
+    with pytest.raises(FishrInputError, match="no submodule 'fc' to use as the IRMCallback head"):
+        fit(DomainClassifier(), [IRMCallback(head="fc")], data, max_steps=1)
+
+    class TwoTupleBatches(DomainClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.classifier(self.featurizer(x)), y)
+
+    two_tuples = TensorDataset(*data.tensors[:2])
+    with pytest.raises(FishrInputError, match="^MMDCallback needs each training sample's target and domain id"):
+        fit(TwoTupleBatches(), [MMDCallback()], two_tuples, max_steps=1)
+    sd = SDCallback(sd_reg=0.1)
+    fit(TwoTupleBatches(), [sd], two_tuples, max_steps=1)  # (x, y) batches: SD needs no domain ids
+    expected = DomainClassifier()
+    torch.testing.assert_close(
+        sd.last_penalty, expected.classifier(expected.featurizer(data.tensors[0])).pow(2).mean().item()
+    )
+
+
+def test_num_domains_that_differ_from_the_checkpoints_are_refused_on_load():
+    callback = GroupDROCallback(num_domains=E)
+    with pytest.raises(
+        FishrInputError, match=rf"GroupDROCallback state is for {E + 1} training domains, but num_domains={E}"
+    ):
+        callback.load_state_dict({"last_reset_step": None, "num_domains": E + 1, "q": torch.ones(E + 1) / (E + 1)})
+    inferred = IRMCallback()  # num_domains not given: the checkpoint's is taken
+    inferred.load_state_dict({"last_reset_step": None, "num_domains": E + 1})
+    assert inferred.num_domains == E + 1
+
+
+def test_gradient_accumulation_warns_as_fishr_does():
+    with pytest.warns(UserWarning, match="GroupDROCallback with accumulate_grad_batches=2.*q takes one"):
+        fit(DomainClassifier(), [GroupDROCallback()], dataset(steps=2), max_steps=1, accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("callback_class", [IRMCallback, VRExCallback, GroupDROCallback])
+def test_one_logit_bce_heads_are_refused_with_a_clear_message(callback_class):
+    class BinaryHead(DomainClassifier):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(8, 1).double()
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            logits = self.classifier(self.featurizer(x))
+            return F.binary_cross_entropy_with_logits(logits, (y[:, None] > 0).double())
+
+    with pytest.raises(
+        FishrInputError,
+        match=rf"^{callback_class.__name__} computes DomainBed's cross-entropy.*"
+        r"logits of shape \(24, 1\).*A one-logit BCE head is not supported",
+    ):
+        fit(BinaryHead(), [callback_class(num_domains=E)], dataset(steps=1), max_steps=1)

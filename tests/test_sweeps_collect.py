@@ -400,3 +400,70 @@ def test_seeds_that_are_not_integers_are_refused(tmp_path, capsys):
     run = write_run(tmp_path / "sweep" / "run0", [record])
     exit_code, _, err = collect_output(capsys, tmp_path / "sweep")
     assert exit_code == 2 and f"{run / 'results.jsonl'}:1: 'args.trial_seed' must be an integer, found '0'" in err
+
+
+# ----------------------------------------------- experiments the app adds to DomainBed's cell keys (issue 25)
+
+
+def app_record(algorithm, hparams_seed, step, accuracies, backbone, **args) -> dict:
+    """A record as the app writes it: DomainBed's sweep seed, its own output_dir, and the app's arguments."""
+    from fishr_lightning.app.seeding import domainbed_sweep_seed
+
+    record = make_record("toy", algorithm, [0], hparams_seed, 0, step, accuracies)
+    record["hparams"]["resnet18"] = backbone == "resnet18"  # follows the backbone: no axis of its own
+    record["args"].update(
+        seed=domainbed_sweep_seed("toy", algorithm, [0], hparams_seed, 0),
+        output_dir=f"/sweep/{algorithm},{backbone},{hparams_seed}",
+        world_size=1 + hparams_seed,  # does not change results: never a row of its own
+        backbone=backbone,
+        steps=200,
+        **args,
+    )
+    return record
+
+
+def test_runs_of_two_backbones_are_not_pooled_into_one_cell(tmp_path, capsys):
+    """A sweep over backbone=resnet18,resnet50 in one tree: each backbone is its own row; pooled, training-domain
+    validation would have picked resnet18's hparams_seed 0 (val .80) for ERM's one cell, test .40."""
+    sweep = tmp_path / "sweep"
+    runs = {
+        ("ERM", 0, "resnet18"): ((0.40, 0.40), (0.9, 0.80), (0.9, 0.80)),  # val .80
+        ("ERM", 1, "resnet18"): ((0.45, 0.40), (0.9, 0.70), (0.9, 0.70)),  # val .70
+        ("ERM", 0, "resnet50"): ((0.60, 0.40), (0.9, 0.60), (0.9, 0.60)),  # val .60
+        ("ERM", 1, "resnet50"): ((0.70, 0.40), (0.9, 0.50), (0.9, 0.50)),  # val .50
+        ("Fishr", 0, "resnet50"): ((0.65, 0.40), (0.9, 0.60), (0.9, 0.60)),
+    }
+    for (algorithm, hparams_seed, backbone), accuracies in runs.items():
+        record = app_record(algorithm, hparams_seed, 100, accuracies, backbone)
+        write_run(sweep / f"{algorithm},{hparams_seed},{backbone}", [record])
+    exit_code, out, _ = collect_output(capsys, sweep)
+    assert exit_code == 0
+    assert "- toy: runs of one algorithm differ in backbone; each setting is its own row." in out
+    training = section(out, "## Model selection: training-domain validation set")
+    assert "| ERM [backbone=resnet18] | 40.0 ± 0.0 | X | X | X |" in training
+    assert "| ERM [backbone=resnet50] | 60.0 ± 0.0 | X | X | X |" in training
+    assert "| Fishr [backbone=resnet50] | 65.0 ± 0.0 | X | X | X |" in training
+    assert "| ERM |" not in out
+
+
+def test_every_recorded_argument_is_keyed_unless_it_does_not_change_results():
+    from fishr_lightning.app.training.run_directory import ARGS_THAT_DO_NOT_CHANGE_RESULTS
+
+    accuracies = ((0.5, 0.5),) * 3
+    plain = app_record("ERM", 0, 100, accuracies, "resnet50", data_pipeline="fast")
+    assert collect.experiment_arguments(plain) == {
+        "backbone": '"resnet50"',
+        "data_pipeline": '"fast"',
+        "seed": '"domainbed"',  # DomainBed's sweep seed of the cell: different for every run by construction
+        "steps": "200",
+    }
+    assert "world_size" in ARGS_THAT_DO_NOT_CHANGE_RESULTS and "output_dir" in ARGS_THAT_DO_NOT_CHANGE_RESULTS
+    # An argument added later (say data_finish) is keyed without being listed anywhere; another seed is an axis.
+    later = app_record("ERM", 1, 100, accuracies, "resnet50", data_pipeline="fast", data_finish="device")
+    other_seed = app_record("ERM", 0, 100, accuracies, "resnet50", data_pipeline="fast")
+    other_seed["args"]["seed"] = 7
+    assert collect.differing_arguments([plain, later, other_seed]) == {"toy": ["data_finish", "seed"]}
+    # The same hparams_seed draws the same hyperparameters: two values of one (+hparams.lr=...) are two experiments.
+    by_hand = app_record("ERM", 0, 100, accuracies, "resnet50", data_pipeline="fast")
+    by_hand["hparams"]["lr"] = 1e-3
+    assert collect.differing_arguments([plain, by_hand, later]) == {"toy": ["data_finish", "hparams.lr"]}

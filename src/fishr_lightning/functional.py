@@ -96,12 +96,13 @@ def domain_indicator(domains_N: Tensor, num_domains: int, dtype: torch.dtype) ->
     return (domains_N[:, None] == domain_ids_E).to(dtype)
 
 
-def check_domain_ids(domains_N: Tensor, num_domains: int) -> None:
-    """Refuse ids outside ``[0, E)`` (one host synchronisation)."""
+def check_domain_ids(domains_N: Tensor, num_domains: int, owner: str | None = None) -> None:
+    """Refuse ids outside ``[0, E)`` (one host synchronisation); ``owner`` (a callback's name) heads the message."""
     low, high = int(domains_N.min()), int(domains_N.max())
     if low < 0 or high >= num_domains:
         raise FishrInputError(
-            f"Domain id {low if low < 0 else high} is outside [0, {num_domains}) for num_domains={num_domains}. "
+            f"{f'{owner}: d' if owner else 'D'}omain id {low if low < 0 else high} is outside [0, {num_domains}) "
+            f"for num_domains={num_domains}. "
             "Domain ids must index the training domains 0 .. num_domains-1: re-number them "
             "(e.g. skip the test domains) or pass the right num_domains."
         )

@@ -9,6 +9,7 @@ backward, and owns the schedule, the logging and the checkpoint state; a subclas
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -31,6 +32,12 @@ class _Absent:
 
 
 _ABSENT = _Absent()
+
+# The entry of a dict-returning ``training_step``'s output that holds the loss DomainBed's ``update()``
+# returns as ``loss`` (issue 25), where it differs from the objective that is back-propagated: CORAL, MMD
+# and SD return the cross-entropy alone. Set by the first callback whose penalty DomainBed leaves out of
+# it, detached; records (the app's ``results.jsonl``) read it in place of ``loss`` when present.
+DOMAINBED_LOSS_KEY = "domainbed_loss"
 
 
 class _PenalisedTrainingStep:
@@ -120,9 +127,10 @@ class HeadPenaltyCallback(Callback):
     - ``configure_penalty(trainer, pl_module)``: once per fit, after the head is resolved (its module
       is ``self.head_module``), before the first training batch: cross-rank reductions, BackPACK;
     - ``combine(loss, penalty, weight) -> Tensor``: how the penalty joins the module's loss; the
-      default is ``loss + weight · penalty`` (and ``loss`` itself while ``weight`` is 0). Override it
-      for DomainBed's IRM/V-REx (which divide the sum by ``weight`` once ``weight > 1``) or
-      GroupDRO (whose robust loss replaces the module's).
+      default is ``loss + weight · penalty`` (and ``loss`` itself while ``weight`` is 0), which is
+      DomainBed's IRM and V-REx too (issue 25: it is the IRM paper's Colored MNIST script, not
+      DomainBed, that divides the sum by ``weight`` once ``weight > 1``). Override it for a penalty
+      that is not added, e.g. GroupDRO (whose robust loss replaces the module's).
 
     A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_batch_start``,
     ``teardown``, ``on_exception``) calls ``super()``. The base does nothing across processes: under
@@ -144,6 +152,10 @@ class HeadPenaltyCallback(Callback):
       ``self.training_step`` gets the plain output; nothing is computed, logged or updated.
     - *Logging*: ``<name>/penalty`` (the raw penalty) and ``<name>/weight`` (λ_t) at every step; the
       last raw penalty is also ``last_penalty``.
+    - *DomainBed's returned loss*: a subclass whose penalty DomainBed's ``update()`` leaves out of the
+      ``loss`` it returns (``penalty_in_domainbed_loss = False``: CORAL, MMD, SD) adds
+      ``DOMAINBED_LOSS_KEY`` to a dict output: the loss without its weighted penalty, to which the
+      later callbacks' terms are added; the objective under ``loss`` is unchanged.
     - *Several penalties*: any number of these callbacks may share a Trainer (and a head), each with
       its own schedule, logs and checkpoint state, as long as their names differ; their
       penalties fold into the loss in the order of the callbacks list (the first listed innermost).
@@ -166,6 +178,9 @@ class HeadPenaltyCallback(Callback):
     """
 
     name: str = "penalty"
+    # Whether DomainBed's update() counts the weighted penalty in the ``loss`` it returns (IRM, V-REx, Fishr:
+    # the objective) or returns the cross-entropy alone (CORAL, MMD, SD); see ``DOMAINBED_LOSS_KEY``.
+    penalty_in_domainbed_loss: ClassVar[bool] = True
     manual_optimization_hint: ClassVar[str] = "Add the penalty to the loss you pass to self.manual_backward yourself."
 
     def __init__(
@@ -181,7 +196,10 @@ class HeadPenaltyCallback(Callback):
         self.schedule = schedule
         self.head = head
         self.requested_head = head
-        self.targets_and_domains = targets_and_domains or heads.default_targets_and_domains
+        # The default reader names this callback in its error (issue 25).
+        self.targets_and_domains = targets_and_domains or partial(
+            heads.default_targets_and_domains, owner=type(self).__name__
+        )
         self._head_module: nn.Linear | None = None
         self._captured: list[tuple[Tensor, Tensor]] = []
         self._module: pl.LightningModule | None = None
@@ -251,7 +269,7 @@ class HeadPenaltyCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model (heads created there exist now) and before the first batch (issue 18, item 8).
-        self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head)
+        self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head, type(self).__name__)
         self.configure_penalty(trainer, pl_module)
         self._install(pl_module)
 
@@ -368,7 +386,13 @@ class HeadPenaltyCallback(Callback):
         if isinstance(output, Tensor):
             return self.combine(output, penalty, weight)
         if isinstance(output, Mapping) and "loss" in output:
-            return {**output, "loss": self.combine(output["loss"], penalty, weight)}
+            combined = self.combine(output["loss"], penalty, weight)
+            result = {**output, "loss": combined}
+            if not self.penalty_in_domainbed_loss:
+                result[DOMAINBED_LOSS_KEY] = output.get(DOMAINBED_LOSS_KEY, output["loss"].detach())
+            elif DOMAINBED_LOSS_KEY in output:  # an earlier callback's penalty is left out: this one's term is not
+                result[DOMAINBED_LOSS_KEY] = output[DOMAINBED_LOSS_KEY] + (combined - output["loss"]).detach()
+            return result
         raise FishrInputError(
             f"training_step returned a {type(output).__name__}; {kind} adds its penalty to a loss tensor or "
             "to the 'loss' entry of a dict. Return one of those."

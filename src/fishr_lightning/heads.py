@@ -1,4 +1,5 @@
-"""Finding the Fishr head in a module and reading targets and domain ids from a batch (pure torch)."""
+"""Finding the head of a penalty (Fishr's, or a baseline's) in a module and reading targets and domain ids
+from a batch (pure torch). ``owner`` names the callback in error messages (issue 25)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ TargetsAndDomains = Callable[[Any], tuple[Tensor, Tensor]]
 DEFAULT_HEAD_NAMES = ("classifier", "fc", "head", "head.fc", "linear")
 
 
-def resolve_head(module: nn.Module, head: str | None) -> tuple[str, nn.Linear]:
+def resolve_head(module: nn.Module, head: str | None, owner: str = "Fishr") -> tuple[str, nn.Linear]:
     """The final ``nn.Linear`` at attribute path ``head`` (``"model.fc"``), or the default one.
 
     With ``head=None``: the ``nn.Linear`` among ``DEFAULT_HEAD_NAMES`` found at the top level or
@@ -28,13 +29,13 @@ def resolve_head(module: nn.Module, head: str | None) -> tuple[str, nn.Linear]:
         except AttributeError:
             linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
             raise FishrInputError(
-                f"{type(module).__name__} has no submodule {head!r} to use as the Fishr head. "
+                f"{type(module).__name__} has no submodule {head!r} to use as the {owner} head. "
                 f"Its nn.Linear modules are {linears}: pass one of them as head=..."
             ) from None
         if not isinstance(found, nn.Linear):
             raise FishrInputError(
-                f"The Fishr head {head!r} is a {type(found).__name__}, not an nn.Linear. Fishr regularises the "
-                "per-sample gradients of the final linear layer: point head= at that nn.Linear (for a "
+                f"The {owner} head {head!r} is a {type(found).__name__}, not an nn.Linear. {owner}'s penalty is "
+                "computed on the final linear layer: point head= at that nn.Linear (for a "
                 "non-linear classifier, at its last nn.Linear, with the layers before it as the features)."
             )
         return head, found
@@ -52,7 +53,7 @@ def resolve_head(module: nn.Module, head: str | None) -> tuple[str, nn.Linear]:
     )
 
 
-def default_targets_and_domains(batch: Any) -> tuple[Tensor, Tensor]:
+def default_targets_and_domains(batch: Any, owner: str = "Fishr") -> tuple[Tensor, Tensor]:
     """``(x, y, domain)`` tuples or mappings with keys ``y`` and ``domain``."""
     if isinstance(batch, Mapping) and "y" in batch and "domain" in batch:
         return batch["y"], batch["domain"]
@@ -60,7 +61,7 @@ def default_targets_and_domains(batch: Any) -> tuple[Tensor, Tensor]:
         return batch[1], batch[2]
     layout = f"a mapping with keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
     raise FishrInputError(
-        f"Fishr needs each training sample's target and domain id, but the batch is {layout}. "
+        f"{owner} needs each training sample's target and domain id, but the batch is {layout}. "
         "Yield (x, y, domain) tuples or mappings with keys 'x', 'y', 'domain', or pass "
         "targets_and_domains=lambda batch: (targets, domain_ids)."
     )

@@ -22,13 +22,15 @@ class CORALCallback(DomainPenaltyCallback):
         targets_and_domains: ``batch -> (targets, domain_ids)`` for other batch layouts.
         name: log prefix (default ``"coral"``).
 
-    DomainBed runs the featurizer once per domain: with BatchNorm in training mode each domain is
-    normalised by its own statistics, which a module with one forward of the whole batch does not do
-    (the app's module runs one forward per domain then). Under DDP the means and covariances are the
+    With one training domain the penalty is 0 and training is ERM's, as DomainBed's (it averages over
+    pairs only ``if nmb > 1``). DomainBed runs the featurizer once per domain: with BatchNorm in
+    training mode each domain is normalised by its own statistics, which a module with one forward of
+    the whole batch does not do (the app's module runs one forward per domain then). Under DDP the means and covariances are the
     global batch's (sums reduced over ranks).
     """
 
     name = "coral"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
 
     def __init__(
         self,

@@ -172,10 +172,20 @@ def mean_pairwise_squared_distance(values: Sequence[Tensor]) -> Tensor:
     return E * sum((value - mean).pow(2).mean() for value in values) / (E * (E - 1) / 2)
 
 
+def no_pairs_penalty(features_ND: Tensor) -> Tensor:
+    """The alignment penalty of one training domain: 0, as DomainBed's ``AbstractMMD.update``, which divides by
+    the number of pairs only ``if nmb > 1`` and so trains ERM (issue 25: ``+sweep=domainbed_loo`` on a 3-domain
+    dataset). A sum over no rows of the features: an exact 0 in the step's graph, whatever the features hold."""
+    return features_ND[:0].sum()
+
+
 def coral_penalty(
     features_ND: Tensor, domains_N: Tensor, num_domains: int, reduce: SumReduction | None = None
 ) -> Tensor:
-    """DomainBed's CORAL: over pairs of domains, ``mean((μ_i − μ_j)²) + mean((Σ_i − Σ_j)²)``, averaged."""
+    """DomainBed's CORAL: over pairs of domains, ``mean((μ_i − μ_j)²) + mean((Σ_i − Σ_j)²)``, averaged (0 with
+    one domain)."""
+    if num_domains == 1:
+        return no_pairs_penalty(features_ND)
     means, covariances = domain_feature_moments(features_ND, domains_N, num_domains, reduce)
     return mean_pairwise_squared_distance(means) + mean_pairwise_squared_distance(covariances)
 
@@ -202,8 +212,10 @@ def mmd_penalty(
 
     One kernel matrix over the whole batch, then its per-domain block means ``[E, E]``: the same
     numbers as DomainBed's pair-by-pair kernels, without computing each domain's own block ``E−1`` times.
-    Under DDP pass the gathered global batch (``distributed.differentiable_all_gather``).
+    Under DDP pass the gathered global batch (``distributed.differentiable_all_gather``). 0 with one domain.
     """
+    if num_domains == 1:
+        return no_pairs_penalty(features_ND)
     one_hot_NE = domain_one_hot(domains_N, num_domains, features_ND.dtype)
     count_E = one_hot_NE.sum(dim=0)
     check_every_domain_present(count_E, "MMD")

@@ -42,6 +42,7 @@ class GroupDROCallback(DomainPenaltyCallback):
     """
 
     name = "groupdro"
+    needs_class_logits = True  # DomainBed's cross-entropy: a one-logit BCE head is refused
 
     def __init__(
         self,
@@ -71,6 +72,9 @@ class GroupDROCallback(DomainPenaltyCallback):
     def reset_state(self) -> None:
         super().reset_state()
         self.q = None
+
+    def _accumulation_note(self) -> str:
+        return ", and q takes one exponentiated-gradient step per micro-batch (accumulate_grad_batches per step)"
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "q": None if self.q is None else self.q.detach().cpu()}

@@ -38,6 +38,7 @@ class IRMCallback(DomainPenaltyCallback):
     """
 
     name = "irm"
+    needs_class_logits = True  # DomainBed's cross-entropy: a one-logit BCE head is refused
 
     def __init__(
         self,

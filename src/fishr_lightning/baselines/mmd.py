@@ -33,7 +33,8 @@ def gather_from_ranks(features_ND: Tensor, domains_N: Tensor) -> tuple[Tensor, T
 class MMDCallback(DomainPenaltyCallback):
     r"""Adds MMD's feature alignment, DomainBed's way: for every pair of training domains the (biased)
     maximum mean discrepancy of the head's input features under DomainBed's mixture of Gaussian
-    kernels ``Σ_γ exp(−γ‖x − y‖²)``, ``γ ∈ {10⁻³, …, 10³}``, averaged over pairs and weighted by ``mmd_gamma``.
+    kernels ``Σ_γ exp(−γ‖x − y‖²)``, ``γ ∈ {10⁻³, …, 10³}``, averaged over pairs and weighted by ``mmd_gamma``
+    (0 with one training domain: ERM, as DomainBed).
 
     Args:
         mmd_gamma: the penalty's weight (DomainBed's name; default 1; search ``10^U(-1, 1)``).
@@ -49,6 +50,7 @@ class MMDCallback(DomainPenaltyCallback):
     """
 
     name = "mmd"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
 
     def __init__(
         self,
@@ -65,6 +67,6 @@ class MMDCallback(DomainPenaltyCallback):
 
     def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         E = self.domains_of(domains_N)
-        if self.reduce is not None:
+        if self.reduce is not None and E > 1:  # one domain: no pairs, nothing to gather (the same E on every rank)
             features_ND, domains_N = gather_from_ranks(features_ND, domains_N)
         return mmd_penalty(features_ND, domains_N, E)

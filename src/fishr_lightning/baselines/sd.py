@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from fishr_lightning.baselines.domain_penalty import DomainPenaltyCallback
@@ -16,14 +18,16 @@ class SDCallback(DomainPenaltyCallback):
     Args:
         sd_reg: the penalty's weight (DomainBed: 0.1; search ``10^U(-5, -1)``).
         head: attribute path of the final ``nn.Linear``; ``None`` finds it by its usual names.
-        targets_and_domains: ``batch -> (targets, domain_ids)`` for other batch layouts (SD reads no
-            domain id, but the batch is read the same way as the other penalties').
+        targets_and_domains: ignored by the penalty, which reads neither targets nor domain ids: any batch
+            layout works (kept for the other callbacks' signature).
         name: log prefix (default ``"sd"``).
 
     Under DDP the mean is over the global batch (the sum and count reduced over ranks).
     """
 
     name = "sd"
+    penalty_in_domainbed_loss = False  # DomainBed's update() returns the cross-entropy alone as `loss`
+    uses_domain_ids = False  # SD's penalty is over the logits alone (issue 25: no domain ids demanded)
 
     def __init__(
         self,
@@ -33,7 +37,14 @@ class SDCallback(DomainPenaltyCallback):
         name: str | None = None,
     ) -> None:
         schedule = FishrSchedule(sd_reg, 0, reset_optimizer=False)
-        super().__init__(schedule=schedule, head=head, targets_and_domains=targets_and_domains, name=name)
+        super().__init__(
+            schedule=schedule, head=head, targets_and_domains=targets_and_domains or nothing_from_batch, name=name
+        )
 
     def domain_penalty(self, features_ND: Tensor, logits_NC: Tensor, targets_N: Tensor, domains_N: Tensor) -> Tensor:
         return spectral_decoupling_penalty(logits_NC, self.reduce)
+
+
+def nothing_from_batch(batch: Any) -> tuple[None, None]:
+    """SD's batch reader: its penalty needs neither targets nor domain ids, so any layout (``(x, y)``) works."""
+    return None, None

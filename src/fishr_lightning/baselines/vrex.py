@@ -33,6 +33,7 @@ class VRExCallback(DomainPenaltyCallback):
     """
 
     name = "vrex"
+    needs_class_logits = True  # DomainBed's cross-entropy: a one-logit BCE head is refused
 
     def __init__(
         self,

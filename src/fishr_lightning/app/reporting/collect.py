@@ -11,12 +11,23 @@ and mean ± standard error over trials, then DomainBed's averages table over dat
     fishr-collect sweeps/domainbed --format latex --output results.tex
     fishr-collect sweeps/domainbed --plots plots/       # also PNGs, see plots.py
     fishr-collect sweeps/comparison --hparams           # also the hyperparameters each cell selected
+
+DomainBed groups records by (trial_seed, dataset, algorithm, test_envs, hparams_seed); the app records
+more arguments that change an experiment (``backbone``, ``steps``, ``eval_augmentation``,
+``data_pipeline``, ``precision``, an averaged record's ``averaging``, hand-set hyperparameters, ...). Runs that
+differ in any of them are never pooled (issue 25): each setting is a row of its own, named after the
+arguments in which the dataset's runs of one algorithm differ (``ERM [backbone=resnet50]``). Every
+recorded argument counts, except DomainBed's grouping keys and the options the app itself treats as not
+changing results (``run_directory.ARGS_THAT_DO_NOT_CHANGE_RESULTS``), so an argument added later is keyed
+by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +46,8 @@ from fishr_lightning.app.reporting.model_selection import (
     selected_hparams,
 )
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, Sweep, SweepError, load_sweep
+from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
+from fishr_lightning.app.training.run_directory import ARGS_THAT_DO_NOT_CHANGE_RESULTS
 
 # DomainBed's datasets.DATASETS order for tables; other datasets follow alphabetically.
 DATASET_ORDER = [
@@ -70,6 +83,97 @@ def _algorithm_order(algorithm: str) -> tuple[bool, str]:
 def _dataset_order(dataset: str) -> tuple[int, str]:
     position = DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)
     return (position, dataset)
+
+
+# DomainBed's grouping keys: where a record goes in the tables, not an axis of its experiment.
+CELL_ARGS = frozenset({"dataset", "algorithm", "test_envs", "hparams_seed", "trial_seed"})
+
+
+def _is_domainbed_sweep_seed(arguments: dict) -> bool:
+    """``seed`` is DomainBed's ``sweep.py`` seed of the record's cell (the presets' ``seed=domainbed``): it differs
+    from run to run by construction. An averaged record's algorithm (``"Fishr + SWAD"``) names its averaging too."""
+    algorithm = arguments["algorithm"]
+    averaging = arguments.get("averaging")
+    if isinstance(averaging, dict) and algorithm.endswith(f" + {averaging.get('name')}"):
+        algorithm = algorithm.removesuffix(f" + {averaging['name']}")
+    sweep_seed = domainbed_sweep_seed(
+        arguments["dataset"], algorithm, arguments["test_envs"], arguments["hparams_seed"], arguments["trial_seed"]
+    )
+    return arguments.get("seed") == sweep_seed
+
+
+def experiment_arguments(record: Record) -> dict[str, str]:
+    """The record's arguments that define its experiment beyond DomainBed's cell keys, as compact JSON: every
+    recorded argument except ``CELL_ARGS`` and ``ARGS_THAT_DO_NOT_CHANGE_RESULTS`` (the list the app's
+    finished-run check uses), a DomainBed sweep seed reading ``domainbed``."""
+    arguments = record["args"]
+    values = {
+        name: json.dumps(value, sort_keys=True, separators=(",", ":"))
+        for name, value in arguments.items()
+        if name not in CELL_ARGS and name not in ARGS_THAT_DO_NOT_CHANGE_RESULTS
+    }
+    if "seed" in values and _is_domainbed_sweep_seed(arguments):
+        values["seed"] = json.dumps(DOMAINBED_SEED)
+    return values
+
+
+def _label_value(text: str) -> str:
+    """An argument's value in a row label: a name as it is, anything else as compact JSON."""
+    value = json.loads(text)
+    return value if isinstance(value, str) else text
+
+
+def _hyperparameters(record: Record) -> dict[str, str]:
+    """The record's hyperparameters as ``hparams.<name>`` -> compact JSON."""
+    hparams = record.get("hparams") or {}
+    return {
+        f"hparams.{name}": json.dumps(value, sort_keys=True, separators=(",", ":")) for name, value in hparams.items()
+    }
+
+
+def _names_that_differ(group: Sequence[dict[str, str]]) -> set[str]:
+    return {name for name in set().union(*group) if len({values.get(name) for values in group}) > 1}
+
+
+def differing_arguments(records: Sequence[Record]) -> dict[str, list[str]]:
+    """Per dataset, the arguments in which its records of one algorithm differ (a value, or whether it is
+    recorded), and the hyperparameters (``hparams.<name>``) in which records of the same cell keys and
+    arguments differ: the same ``hparams_seed`` draws the same hyperparameters, so those were set by hand
+    (``+hparams.lr=...``, ``batch_size=...``) and are experiments of their own too."""
+    arguments_by_algorithm: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    hparams_by_run: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for record in records:
+        arguments, experiment = record["args"], experiment_arguments(record)
+        arguments_by_algorithm[(arguments["dataset"], arguments["algorithm"])].append(experiment)
+        run_key = (*(json.dumps(arguments[name]) for name in sorted(CELL_ARGS)), *sorted(experiment.items()))
+        hparams_by_run[run_key].append(_hyperparameters(record))
+    differing: dict[str, set[str]] = defaultdict(set)
+    for (dataset, _), group in arguments_by_algorithm.items():
+        differing[dataset] |= _names_that_differ(group)
+    for run_key, group in hparams_by_run.items():
+        dataset = json.loads(run_key[sorted(CELL_ARGS).index("dataset")])
+        differing[dataset] |= _names_that_differ(group)
+    return {dataset: sorted(names) for dataset, names in differing.items() if names}
+
+
+def key_experiments(sweep: Sweep) -> dict[str, list[str]]:
+    """Keys the complete runs' records on their experiment (issue 25): where a dataset's runs of one algorithm
+    differ in an argument, every record of that dataset is relabelled ``algorithm [name=value, ...]`` with its
+    values of those arguments, so that no cell pools two experiments and every row says which it is. Returns
+    the differing arguments per dataset (none: the records are left as they are)."""
+    differing = differing_arguments(sweep.records)
+    for run in sweep.complete_runs:
+        labelled = []
+        for record in run.records:
+            names = differing.get(record["args"]["dataset"], [])
+            values = {**experiment_arguments(record), **_hyperparameters(record)}
+            shown = [f"{name}={_label_value(values[name])}" for name in names if name in values]
+            if shown:
+                record = {**record, "args": {**record["args"]}}
+                record["args"]["algorithm"] = f"{record['args']['algorithm']} [{', '.join(shown)}]"
+            labelled.append(record)
+        run.records = labelled
+    return differing
 
 
 def build_tables(records: Sequence[Record]) -> list[MethodTables]:
@@ -162,12 +266,23 @@ def selected_hparams_rows(records: Sequence[Record], method: SelectionMethod) ->
 HPARAMS_HEADER = ["Dataset", "Algorithm", "Test domain", "Trial", "hparams_seed", "Hyperparameters"]
 
 
-def format_markdown(sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False) -> str:
+def _differing_lines(differing: dict[str, list[str]]) -> list[str]:
+    return [
+        f"{dataset}: runs of one algorithm differ in {', '.join(names)}; each setting is its own row."
+        for dataset, names in sorted(differing.items(), key=lambda item: _dataset_order(item[0]))
+    ]
+
+
+def format_markdown(
+    sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False, differing: dict[str, list[str]] | None = None
+) -> str:
     lines = [
         f"# Results: {sweep.directory}",
         "",
         f"Complete runs: {len(sweep.complete_runs)} ({len(sweep.records)} records).",
     ]
+    if differing:
+        lines += ["", *(f"- {line}" for line in _differing_lines(differing))]
     if sweep.incomplete_runs:
         lines += ["", f"Incomplete runs (no '{DONE_FILE}' marker; not used): {len(sweep.incomplete_runs)}", ""]
         lines += [f"- {line}" for line in _incomplete_run_lines(sweep)]
@@ -198,7 +313,9 @@ def _latex_escaped(text: str) -> str:
     return text
 
 
-def format_latex(sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False) -> str:
+def format_latex(
+    sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False, differing: dict[str, list[str]] | None = None
+) -> str:
     """A standalone document (booktabs, adjustbox) laid out like DomainBed's ``collect_results.py --latex``."""
     lines = [
         "\\documentclass{article}",
@@ -211,6 +328,7 @@ def format_latex(sweep: Sweep, tables: list[MethodTables], show_hparams: bool = 
     ]
     for line in _incomplete_run_lines(sweep):
         lines.append(f"% Incomplete run (not used): {line}")
+    lines += [f"% {line}" for line in _differing_lines(differing or {})]
     for method_tables in tables:
         lines += ["", f"\\subsection{{Model selection: {method_tables.method.name}}}"]
         if not method_tables.dataset_tables:
@@ -280,9 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    differing = key_experiments(sweep)
     tables = build_tables(sweep.records)
     formatter = format_latex if arguments.format == "latex" else format_markdown
-    text = formatter(sweep, tables, show_hparams=arguments.hparams)
+    text = formatter(sweep, tables, show_hparams=arguments.hparams, differing=differing)
     if arguments.output is not None:
         arguments.output.parent.mkdir(parents=True, exist_ok=True)
         arguments.output.write_text(text)

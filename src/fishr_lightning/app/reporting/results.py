@@ -3,8 +3,11 @@ so DomainBed's ``collect_results.py`` and model-selection code read our runs.
 
 A record holds ``step`` (DomainBed's label: the step index, so the record at ``step`` follows
 ``step + 1`` updates), ``epoch``, ``env{i}_in_acc`` and ``env{i}_out_acc`` for every domain (test
-domains included), the loss terms averaged over the steps since the previous record (``loss``: the
-objective, penalty included; ``nll``; ``penalty`` when Fishr runs), ``step_time``, ``mem_gb``,
+domains included), the loss terms averaged over the steps since the previous record, as DomainBed's
+``update()`` of the algorithm returns them (``loss``: the objective, penalty included, except for CORAL,
+MMD and SD, whose ``loss`` is the cross-entropy alone; ``nll``; ``penalty``, the raw penalty, or
+``<name>_penalty`` for each of several penalty callbacks; ``training/evaluation.py``'s ``step_losses``),
+``step_time``, ``mem_gb``,
 ``hparams`` and ``args`` (``dataset``, ``algorithm``, ``test_envs``, ``hparams_seed``, ``trial_seed``,
 ``world_size``, ...). The training app (``training/evaluation.py``) builds the records; this module
 writes and prints them, without torch.

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.results import RecordWriter
+from fishr_lightning.head_penalty import DOMAINBED_LOSS_KEY
 
 
 def is_record_step(step: int, steps: int, checkpoint_freq: int) -> bool:
@@ -71,12 +72,34 @@ def per_split_sums(
     return sums_L2
 
 
-def last_penalty(trainer: pl.Trainer) -> float | None:
-    """The raw penalty of the last training step, from the callbacks that expose ``last_penalty``
-    (``FishrCallback``; the contract of issue 18), summed if several do; ``None`` if none has one."""
-    values = [getattr(cb, "last_penalty", None) for cb in trainer.callbacks]
-    values = [value for value in values if value is not None]
-    return float(sum(values)) if values else None
+def recorded_penalties(trainer: pl.Trainer) -> dict[str, float]:
+    """The raw penalties of the last training step, from the callbacks that expose ``last_penalty`` (the
+    contract of issue 18), under their record keys: DomainBed's ``penalty`` when one callback has one,
+    ``<name>_penalty`` for each when several do (Fishr + IRM: ``fishr_penalty``, ``irm_penalty``; never
+    their unweighted sum, issue 25), as DomainBed names several penalties (RDM's ``matching_penalty``)."""
+    values = {
+        getattr(cb, "name", type(cb).__name__): float(cb.last_penalty)
+        for cb in trainer.callbacks
+        if getattr(cb, "last_penalty", None) is not None
+    }
+    if len(values) == 1:
+        return {"penalty": next(iter(values.values()))}
+    return {f"{name}_penalty": value for name, value in values.items()}
+
+
+def step_losses(outputs: Any, trainer: pl.Trainer) -> dict[str, float]:
+    """The last training step's loss terms under the keys, and with the meaning, of DomainBed's ``update()``
+    for the algorithm (issue 25): ``loss`` is the objective with its weighted penalty for ERM, Fishr, IRM,
+    V-REx, GroupDRO (its robust loss) and Mixup, the cross-entropy alone for CORAL, MMD and SD (the penalty
+    callbacks' ``DOMAINBED_LOSS_KEY``); ``nll`` the mean cross-entropy; the raw penalties as
+    ``recorded_penalties``."""
+    values = {}
+    if isinstance(outputs, dict):
+        if "loss" in outputs:
+            values["loss"] = float(outputs.get(DOMAINBED_LOSS_KEY, outputs["loss"]))
+        if "nll" in outputs:
+            values["nll"] = float(outputs["nll"])
+    return {**values, **recorded_penalties(trainer)}
 
 
 class DomainBedEvaluation(Callback):
@@ -132,13 +155,8 @@ class DomainBedEvaluation(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.step_values["step_time"].append(time.perf_counter() - self._step_started)
-        if isinstance(outputs, dict):
-            for name in ("loss", "nll"):
-                if name in outputs:
-                    self.step_values[name].append(float(outputs[name]))
-        penalty = last_penalty(trainer)
-        if penalty is not None:
-            self.step_values["penalty"].append(penalty)  # DomainBed's Fishr records it as "penalty"
+        for name, value in step_losses(outputs, trainer).items():
+            self.step_values[name].append(value)
         step = trainer.global_step - 1  # DomainBed's label of the update just done
         if not is_record_step(step, self.steps, self.checkpoint_freq):
             return

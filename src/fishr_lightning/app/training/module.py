@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fishr_lightning.app import AppError
 from fishr_lightning.app.seeding import seed_hash
 from fishr_lightning.baselines.functional import mixup_inputs, mixup_loss, random_domain_pairs
+from fishr_lightning.head_penalty import HeadPenaltyCallback
 
 
 class DomainClassifier(pl.LightningModule):
@@ -59,6 +61,19 @@ class DomainClassifier(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.dropout(self.featurizer(x)))
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("mixup_alpha") is not None:
+            # The head's rows are the pairs' mixed inputs, not the batch's samples (issue 25): a head
+            # penalty would pair each logit with another sample's target and domain.
+            penalties = [type(cb).__name__ for cb in self.trainer.callbacks if isinstance(cb, HeadPenaltyCallback)]
+            if penalties:
+                raise AppError(
+                    f"Mixup (mixup_alpha={self.hparams.mixup_alpha}) cannot run with {', '.join(penalties)}: Mixup "
+                    "feeds the head mixed inputs of pairs of training domains, whose rows are not the batch's samples, "
+                    "so a head penalty would read other samples' targets and domains. Train Mixup alone (no penalty "
+                    "callback in algorithm.callbacks or callbacks), or the penalty without mixup_alpha."
+                )
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y_N, domain_N = batch

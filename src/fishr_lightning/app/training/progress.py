@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from fishr_lightning.app.training.evaluation import last_penalty
+from fishr_lightning.app.training.evaluation import step_losses
 
 
 def format_duration(seconds: float) -> str:
@@ -46,11 +46,8 @@ class ProgressLines(Callback):
         if not trainer.is_global_zero or (done % self.every and done != self.steps):
             return
         parts = [f"step {done - 1}/{self.steps - 1}"]
-        if isinstance(outputs, dict):
-            parts += [f"{name} {float(outputs[name]):.4f}" for name in ("loss", "nll") if name in outputs]
-        penalty = last_penalty(trainer)
-        if penalty is not None:
-            parts.append(f"penalty {penalty:.4g}")
+        for name, value in step_losses(outputs, trainer).items():
+            parts.append(f"{name} {value:.4g}" if "penalty" in name else f"{name} {value:.4f}")
         elapsed = time.perf_counter() - self._started_at
         rate = (done - self._first_step) / elapsed if elapsed > 0 else 0.0
         if rate > 0:

@@ -147,6 +147,7 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "save_model": cfg.save_model,
         "data_pipeline": pipeline,  # fast, domainbed, or tensors
         **({"data_decode": decode, "data_finish": finish} if pipeline == "fast" else {}),
+        "precision": str(cfg.trainer.get("precision", "32-true")),  # fishr-collect keys its cells on it (issue 25)
     }
 
 
