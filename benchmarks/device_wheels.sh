@@ -5,6 +5,9 @@
 # filelock (the device tool's KINDS.md); Lightning travels too, because the app needs >= 2.6.
 #
 #   bash benchmarks/device_wheels.sh [PYTHON_VERSION]   # default 3.12; then see gpu_suite.sh's header
+#
+# gpu_suite.sh installs them itself (into a folder it puts first on PYTHONPATH), then the project, editable
+# and without build isolation: the image's setuptools and wheel build it, so neither travels here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_version=${1:-3.12}
