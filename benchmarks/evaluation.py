@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, EvaluationSplits
 from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.fast_images import collate_images
 from fishr_lightning.app.data.specs import dataset_spec
 from fishr_lightning.app.training.evaluation import per_split_sums
 
@@ -72,7 +73,12 @@ def per_split_loaders(datamodule: DomainBedDataModule, step: int, workers: int):
         keys = [(step, split_index, index) for index in range(len(split))]
         size = datamodule.eval_batch_size
         batches = [keys[start : start + size] for start in range(0, len(keys), size)]
-        yield from DataLoader(EvaluationSplits(datamodule.eval_splits()), batch_sampler=batches, num_workers=workers)
+        yield from DataLoader(
+            EvaluationSplits(datamodule.eval_splits()),
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=collate_images,  # the fast pipeline's batches (issue 25's DeviceBatch objects)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from data_pipeline import LABELS, SIZES, write_pacs_layout  # noqa: E402
 
 from fishr_lightning.app.data.datamodule import DomainBedDataModule, default_num_workers  # noqa: E402
 from fishr_lightning.app.data.domains import load_domains  # noqa: E402
+from fishr_lightning.app.data.fast_images import collate_images  # noqa: E402
 from fishr_lightning.app.training.backbones import MLP, ResNetFeaturizer  # noqa: E402
 from fishr_lightning.app.training.module import DomainClassifier  # noqa: E402
 
@@ -112,7 +113,7 @@ def images_per_second(args: argparse.Namespace, data_dir: Path, pipeline: str) -
         persistent_workers=True,
     )
     if pipeline == "in memory":
-        raw = next(iter(DataLoader(datamodule.train_dataset(), batch_size=3 * args.batch)))
+        raw = next(iter(DataLoader(datamodule.train_dataset(), batch_size=3 * args.batch, collate_fn=collate_images)))
         x, y, domain = datamodule.on_after_batch_transfer(raw, 0)
         loader = DataLoader(InMemory((x, y, domain), steps), batch_size=None, pin_memory=args.device == "cuda")
         fit_kwargs = {"train_dataloaders": loader}
