@@ -486,7 +486,19 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The console script ``fishr-train``, and ``python train.py``."""
+    register_sweeper()
     hydra_main()
+
+
+def register_sweeper() -> None:
+    """``hydra/sweeper: fishr`` (train.yaml): Hydra finds plugins by scanning ``hydra_plugins``, which misses
+    the one of an editable install (setuptools' finder lists no modules), so the app names it (issue 30)."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # first: its scan re-executes the modules it finds, BasicSweeper's included
+    from hydra_plugins.fishr_lightning_sweeper.fishr_sweeper import FishrSweeper
+
+    plugins.register(FishrSweeper)
 
 
 if __name__ == "__main__":
