@@ -98,16 +98,15 @@ def test_a_bad_multirun_fails_before_its_first_job_with_one_error(tmp_path, monk
         lines[0]
         == "error: 3 of the sweep's 4 jobs cannot run, so none was started (the job numbers are Hydra's, from 0):"
     )
-    assert (
-        lines[1]
-        == "  job 1 (test_envs=[0] steps=-1): steps=-1: it is a number of optimizer steps, a positive integer (e.g. steps=300)."
-    )
-    assert lines[2].startswith(
-        "  job 2 (test_envs=[3] steps=20): test_envs=[3] is out of range: Synthetic has 3 domains"
-    )
-    assert lines[3].startswith("  job 3 (test_envs=[3] steps=-1): test_envs=[3] is out of range")
-    assert lines[4].startswith("Change or drop these overrides; for the test domains, test_envs=each")
-    assert len(lines) == 5
+    assert lines[1:4] == [
+        "  - steps=-1: it is a number of optimizer steps, a positive integer (e.g. steps=300).",
+        "      job 1: test_envs=[0] steps=-1",
+        "  - test_envs=[3] is out of range: Synthetic has 3 domains (0=-90%, 1=+90%, 2=+80%); pass indices among "
+        "them, e.g. test_envs=[0] or test_envs=[0,2].",
+    ]
+    assert lines[4:6] == ["      job 2: test_envs=[3] steps=20", "      job 3: test_envs=[3] steps=-1"]
+    assert lines[6].startswith("Change or drop these overrides; for the test domains, test_envs=each")
+    assert len(lines) == 7
     assert "run directory" not in output.out
     assert not sweep_dir.exists()
 
@@ -154,3 +153,18 @@ def test_derived_sweeps(name, runs, test_envs):
     assert len(job_overrides(hydra_config.sweeper.params)) == runs
     assert hydra_config.sweep.dir == f"sweeps/{name}"
     assert OmegaConf.to_container(hydra_config.sweep)["subdir"] == "${hydra.job.override_dirname}"
+
+
+def test_the_sweep_error_names_each_problem_once():
+    jobs = [[f"hparams_seed={seed}", "+stpes=3"] for seed in range(25)]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"), pytest.raises(AppError) as error:
+        plan_jobs(jobs, lambda job: compose("train", overrides=job))
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("25 of the sweep's 25 jobs cannot run")
+    assert (
+        lines[1].startswith("  - Unknown option stpes: the app reads none of it")
+        and "did you mean steps=3?" in lines[1]
+    )
+    assert lines[2:12] == [f"      job {seed}: hparams_seed={seed} +stpes=3" for seed in range(10)]
+    assert lines[12] == "      ... and 15 more jobs"
+    assert len(lines) == 14

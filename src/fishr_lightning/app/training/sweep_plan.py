@@ -48,7 +48,7 @@ TEST_ENV_SETS: dict[str, Callable[[int], Iterator[list[int]]]] = {
 # Plain integers that no config node interpolates: one composed config serves every value of them, so a
 # 480-run sweep composes 8 configs, not 480 (Hydra's own check composed each job).
 SEED_KEYS = ("hparams_seed", "trial_seed")
-MAX_LISTED_JOBS = 20
+MAX_LISTED_JOBS = 10  # per problem
 
 
 def job_test_envs(cfg: DictConfig):
@@ -111,7 +111,8 @@ def checked_config(compose: Callable[[list[str]], DictConfig], job: list[str]) -
     try:
         cfg = compose(job)
     except (HydraException, OmegaConfBaseException) as error:
-        return None, " ".join(str(error).split())
+        # Hydra's message ends with its config search path, which says nothing to the user here.
+        return None, " ".join(str(error).split("Config search path:")[0].split())
     try:
         check_job_config(cfg)
     except (AppError, FishrInputError, OmegaConfBaseException) as error:
@@ -150,14 +151,19 @@ def seed_problem(job: Sequence[str]) -> str | None:
 
 
 def sweep_error(problems: list[tuple[int, list[str], str]], num_jobs: int) -> str:
+    """One error: each problem once (a typo shared by a 1200-run sweep is one line), with the jobs it stops."""
+    jobs_by_problem: dict[str, list[tuple[int, list[str]]]] = {}
+    for number, job, problem in problems:
+        jobs_by_problem.setdefault(problem, []).append((number, job))
     lines = [
         f"{len(problems)} of the sweep's {num_jobs} jobs cannot run, so none was started (the job numbers are "
         "Hydra's, from 0):"
     ]
-    for number, job, problem in problems[:MAX_LISTED_JOBS]:
-        lines.append(f"  job {number} ({' '.join(job)}): {problem}")
-    if len(problems) > MAX_LISTED_JOBS:
-        lines.append(f"  ... and {len(problems) - MAX_LISTED_JOBS} more.")
+    for problem, jobs in jobs_by_problem.items():
+        lines.append(f"  - {problem}")
+        lines += [f"      job {number}: {' '.join(job)}" for number, job in jobs[:MAX_LISTED_JOBS]]
+        if len(jobs) > MAX_LISTED_JOBS:
+            lines.append(f"      ... and {len(jobs) - MAX_LISTED_JOBS} more jobs")
     lines.append(
         "Change or drop these overrides; for the test domains, test_envs=each (every domain alone) or "
         "test_envs=leave_one_out (every domain and every pair) derive them from each job's dataset."
