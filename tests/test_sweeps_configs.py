@@ -156,15 +156,26 @@ def test_derived_sweeps(name, runs, test_envs):
 
 
 def test_the_sweep_error_names_each_problem_once():
-    jobs = [[f"hparams_seed={seed}", "+stpes=3"] for seed in range(25)]
+    """A typo shared by 25 jobs is one problem with ten of its jobs; an unknown algorithm and a seed that is
+    no integer are problems of their own."""
+    jobs = [[f"hparams_seed={seed}", "+stpes=3"] for seed in range(25)] + [["algorithm=nosuch"], ["trial_seed=abc"]]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"), pytest.raises(AppError) as error:
         plan_jobs(jobs, lambda job: compose("train", overrides=job))
     lines = str(error.value).splitlines()
-    assert lines[0].startswith("25 of the sweep's 25 jobs cannot run")
+    assert lines[0].startswith("27 of the sweep's 27 jobs cannot run")
     assert (
         lines[1].startswith("  - Unknown option stpes: the app reads none of it")
         and "did you mean steps=3?" in lines[1]
     )
     assert lines[2:12] == [f"      job {seed}: hparams_seed={seed} +stpes=3" for seed in range(10)]
     assert lines[12] == "      ... and 15 more jobs"
-    assert len(lines) == 14
+    assert lines[13].startswith(
+        "  - In 'train': Could not find 'algorithm/nosuch' Available options in 'algorithm': coral"
+    )
+    assert lines[13].endswith("sd vrex")  # without Hydra's config search path
+    assert lines[14:17] == [
+        "      job 25: algorithm=nosuch",
+        "  - trial_seed=abc: an integer (e.g. trial_seed=0).",
+        "      job 26: trial_seed=abc",
+    ]
+    assert len(lines) == 18

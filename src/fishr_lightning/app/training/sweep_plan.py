@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fishr_lightning import FishrInputError
 from fishr_lightning.app import AppError
-from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.data.specs import DatasetSpec, check_test_envs, dataset_spec
 
 
 def single_test_envs(num_domains: int) -> Iterator[list[int]]:
@@ -56,6 +57,14 @@ def job_test_envs(cfg: DictConfig):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_list(value) else value
 
 
+def job_dataset_and_test_envs(cfg: DictConfig | None) -> tuple[DatasetSpec | None, Any]:
+    """The job's dataset and ``test_envs``; ``None`` for what its config cannot give (its problem says why)."""
+    try:
+        return dataset_spec(cfg.dataset.name), job_test_envs(cfg)
+    except (AppError, OmegaConfBaseException, AttributeError):  # AttributeError: no config (composition failed)
+        return None, None
+
+
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -83,17 +92,16 @@ def plan_jobs(jobs: Sequence[Sequence[str]], compose: Callable[[list[str]], Dict
         if shared not in composed:
             composed[shared] = checked_config(compose, list(shared))
         cfg, problem = composed[shared]
-        test_envs = None if cfg is None else job_test_envs(cfg)
-        if cfg is not None and isinstance(test_envs, str) and test_envs in TEST_ENV_SETS:
-            spec = dataset_spec(cfg.dataset.name)
+        spec, test_envs = job_dataset_and_test_envs(cfg)
+        if spec is not None and isinstance(test_envs, str) and test_envs in TEST_ENV_SETS:
             variants = [(with_test_envs(job, envs), envs) for envs in TEST_ENV_SETS[test_envs](len(spec.environments))]
         else:
             variants = [(job, None)]
         for variant, envs in variants:
             variant_problem = problem or seed_problem(variant)
-            if variant_problem is None and envs is not None:
+            if variant_problem is None and spec is not None and envs is not None:
                 try:  # a pair on a 2-domain dataset leaves no training domain
-                    check_test_envs(envs, dataset_spec(cfg.dataset.name))
+                    check_test_envs(envs, spec)
                 except AppError as error:
                     variant_problem = str(error)
             if variant_problem:
@@ -143,10 +151,11 @@ def check_job_config(cfg: DictConfig) -> None:
 
 
 def seed_problem(job: Sequence[str]) -> str | None:
+    """``hparams_seed`` and ``trial_seed`` are left out of the composed configs (``SEED_KEYS``): checked here."""
     for override in job:
         key, _, value = override.partition("=")
-        if override_key(override) in SEED_KEYS and not re.fullmatch(r"\d+", value.strip()):
-            return f"{key.lstrip('+~')}={value}: a non-negative integer (e.g. {key.lstrip('+~')}=0)."
+        if override_key(override) in SEED_KEYS and not re.fullmatch(r"-?\d+", value.strip()):
+            return f"{key.lstrip('+~')}={value}: an integer (e.g. {key.lstrip('+~')}=0)."
     return None
 
 
