@@ -496,8 +496,17 @@ def register_sweeper() -> None:
     from hydra.core.plugins import Plugins
 
     plugins = Plugins.instance()  # first: its scan re-executes the modules it finds, BasicSweeper's included
-    from hydra_plugins.fishr_lightning_sweeper.fishr_sweeper import FishrSweeper
-
+    try:
+        from hydra_plugins.fishr_lightning_sweeper.fishr_sweeper import FishrSweeper
+    except ModuleNotFoundError:  # an editable install made before the package existed; single runs need no sweeper
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            print(
+                "error: the app's sweeper (hydra_plugins.fishr_lightning_sweeper) is not installed: run "
+                "`pip install -e .` again in the repository.",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        return
     plugins.register(FishrSweeper)
 
 
