@@ -8,4 +8,13 @@ cannot add to what it finds.
 
 from setuptools import find_packages, setup
 
-setup(packages=[*find_packages("src", include=["fishr_lightning", "fishr_lightning.*"]), "fishr_lightning.app.configs"])
+# hydra_plugins is a namespace package (Hydra scans it for plugins: the app's sweeper), which find_packages does
+# not enter: its subpackages are found from inside it.
+plugins = [f"hydra_plugins.{name}" for name in find_packages("src/hydra_plugins")]
+setup(
+    packages=[
+        *find_packages("src", include=["fishr_lightning", "fishr_lightning.*"]),
+        *plugins,
+        "fishr_lightning.app.configs",
+    ]
+)

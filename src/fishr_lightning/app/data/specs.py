@@ -145,6 +145,12 @@ def check_test_envs(test_envs: Sequence[Any], spec: DatasetSpec) -> list[int]:
     names = ", ".join(f"{i}={name}" for i, name in enumerate(spec.environments))
     if isinstance(test_envs, int):
         test_envs = [test_envs]
+    if isinstance(test_envs, str):  # test_envs=each|leave_one_out: expanded by the app's sweeper (issue 30)
+        raise AppError(
+            f"test_envs={test_envs} is not a list of domain indices: {spec.name} has {len(spec.environments)} "
+            f"domains ({names}); pass e.g. test_envs=[0] or test_envs=[0,2]. test_envs=each and "
+            "test_envs=leave_one_out name the test-domain sets of a sweep: launch it with -m."
+        )
     indices = []
     for env in test_envs:
         if isinstance(env, bool) or not isinstance(env, int) or not 0 <= env < len(spec.environments):

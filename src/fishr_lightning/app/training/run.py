@@ -486,7 +486,28 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The console script ``fishr-train``, and ``python train.py``."""
+    register_sweeper()
     hydra_main()
+
+
+def register_sweeper() -> None:
+    """``hydra/sweeper: fishr`` (train.yaml): Hydra finds plugins by scanning ``hydra_plugins``, which misses
+    the one of an editable install (setuptools' finder lists no modules), so the app names it (issue 30)."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # first: its scan re-executes the modules it finds, BasicSweeper's included
+    try:
+        from hydra_plugins.fishr_lightning_sweeper.fishr_sweeper import FishrSweeper
+    except ModuleNotFoundError:  # an editable install made before the package existed; single runs need no sweeper
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            print(
+                "error: the app's sweeper (hydra_plugins.fishr_lightning_sweeper) is not installed: run "
+                "`pip install -e .` again in the repository.",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        return
+    plugins.register(FishrSweeper)
 
 
 if __name__ == "__main__":
