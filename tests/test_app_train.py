@@ -59,7 +59,9 @@ def logged_rows(run_dir: Path, column: str) -> dict[int, dict[str, float]]:
     """The CSV logger's rows that hold ``column``, by step: ``{step: {name: value}}`` (the row's non-empty cells)."""
     with (run_dir / "csv" / "version_0" / "metrics.csv").open() as metrics:
         rows = [row for row in csv.DictReader(metrics) if row.get(column)]
-    return {int(row["step"]): {name: float(value) for name, value in row.items() if value} for row in rows}
+    by_step = {int(row["step"]): {name: float(value) for name, value in row.items() if value} for row in rows}
+    assert len(by_step) == len(rows), f"{column} logged twice at a step"  # e.g. by every DDP process
+    return by_step
 
 
 def expected_accuracies(record: dict, section: str, num_domains: int, train_envs: list[int]) -> dict[str, float]:
