@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch.strategies import Strategy
-from test_app_train import SMALL_SYNTHETIC, records, run_app
+from test_app_train import SMALL_SYNTHETIC, assert_logged_accuracies, records, run_app
 from torch import nn
 
 from fishr_lightning.app.data.datamodule import DomainBatchSampler, DomainBedDataModule
@@ -41,11 +41,15 @@ def test_swad_leaves_domainbeds_records_as_they_are_and_records_the_averaged_mod
     assert summary["num_segments"] == 9  # DomainBed steps 0, 5, ..., 40
     assert 1 <= summary["start_step"] <= summary["end_step"] <= 41 and summary["status"]
     assert (tmp_path / "swad" / "done").exists() and not (tmp_path / "plain" / "averaged.jsonl").exists()
+    # The loggers get both: the records' accuracies under acc/, the averaged model's under acc_swad/ (issue 30).
+    assert_logged_accuracies(tmp_path / "swad", records(tmp_path / "swad"), "acc", 3, train_envs=[1, 2])
+    assert_logged_accuracies(tmp_path / "swad", [record], "acc_swad", 3, train_envs=[1, 2])
 
 
 def test_ema_is_recorded_beside_too(monkeypatch, tmp_path):
     assert run_app(monkeypatch, tmp_path / "ema", "averaging=ema", "algorithm=erm", *SHORT) == 0
     assert averaged(tmp_path / "ema")["args"]["algorithm"] == "ERM + EMA"
+    assert_logged_accuracies(tmp_path / "ema", [averaged(tmp_path / "ema")], "acc_ema", 3, train_envs=[1, 2])
 
 
 def test_fishr_collect_shows_averaged_runs_as_their_own_rows(monkeypatch, tmp_path, capsys):

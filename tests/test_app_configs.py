@@ -68,7 +68,7 @@ def test_every_group_offers_the_documented_menu():
     assert {p.stem for p in (root / "backbone").glob("*.yaml")} == set(BACKBONES) | set(TIMM_BACKBONES)
     assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS)
     assert {"cpu", "gpu", "ddp"} <= {p.stem for p in (root / "trainer").glob("*.yaml")}
-    assert {"csv", "tensorboard"} <= {p.stem for p in (root / "logger").glob("*.yaml")}
+    assert {"csv", "tensorboard", "wandb", "mlflow"} <= {p.stem for p in (root / "logger").glob("*.yaml")}
 
 
 # Every dataset x backbone with ERM and Fishr; the comparison set's configs on two of them (composing is

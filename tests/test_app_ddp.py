@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_app_train import assert_logged_accuracies
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
@@ -78,6 +79,9 @@ def test_two_ddp_processes_record_what_one_process_records(one_and_two_processes
         for name in ("loss", "nll", "penalty"):
             assert double[name] == pytest.approx(single[name], rel=1e-4, abs=1e-6), name
     averaged = [json.loads((tmp_path / run / "averaged.jsonl").read_text()) for run in ("one", "two")]
+    # The loggers get each record's accuracies once, from rank 0, and the averaged model's (issue 30).
+    assert_logged_accuracies(tmp_path / "two", two, "acc", 3, train_envs=[1, 2])
+    assert_logged_accuracies(tmp_path / "two", averaged[1:], "acc_swad", 3, train_envs=[1, 2])
     assert averaged[0]["swad"] == averaged[1]["swad"]
     assert {name: averaged[1][name] for name in accuracies} == {name: averaged[0][name] for name in accuracies}
     weights = [torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("one", "two")]

@@ -4,6 +4,7 @@ with one paragraph and a non-zero exit status."""
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -54,6 +55,33 @@ def assert_domainbed_records(run_dir: Path, num_domains: int, steps: list[int], 
     assert not (run_dir / "model.ckpt").exists() and not (run_dir / "checkpoints").exists()
 
 
+def logged_rows(run_dir: Path, column: str) -> dict[int, dict[str, float]]:
+    """The CSV logger's rows that hold ``column``, by step: ``{step: {name: value}}`` (the row's non-empty cells)."""
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as metrics:
+        rows = [row for row in csv.DictReader(metrics) if row.get(column)]
+    by_step = {int(row["step"]): {name: float(value) for name, value in row.items() if value} for row in rows}
+    assert len(by_step) == len(rows), f"{column} logged twice at a step"  # e.g. by every DDP process
+    return by_step
+
+
+def expected_accuracies(record: dict, section: str, num_domains: int, train_envs: list[int]) -> dict[str, float]:
+    """A record's accuracies under the loggers' names (issue 30), from the record as DomainBed's reader sees
+    it: every split, and the training-domain validation accuracy, the mean of the training domains' out splits."""
+    expected = {f"{section}/env{e}_{s}": record[f"env{e}_{s}_acc"] for e in range(num_domains) for s in ("in", "out")}
+    expected[f"{section}/val_training_domain"] = sum(record[f"env{e}_out_acc"] for e in train_envs) / len(train_envs)
+    return expected
+
+
+def assert_logged_accuracies(run_dir: Path, written: list[dict], section: str, num_domains: int, train_envs: list[int]):
+    """metrics.csv holds each record's accuracies at the record's step, and no other accuracy row."""
+    rows = logged_rows(run_dir, f"{section}/env0_in")
+    assert sorted(rows) == [record["step"] for record in written]
+    for record in written:
+        expected = expected_accuracies(record, section, num_domains, train_envs)
+        logged = {name: value for name, value in rows[record["step"]].items() if name.startswith(f"{section}/")}
+        assert logged == pytest.approx(expected, rel=1e-12, abs=0), record["step"]
+
+
 def test_synthetic_fishr_run_writes_domainbed_records_with_the_penalty(monkeypatch, tmp_path, capsys):
     run_dir = tmp_path / "run"
     status = run_app(
@@ -75,6 +103,8 @@ def test_synthetic_fishr_run_writes_domainbed_records_with_the_penalty(monkeypat
     out = capsys.readouterr().out
     assert "0: -90%" in out and "test" in out and "train" in out  # the per-domain summary
     assert "Fishr: test-domain accuracy -90% " in out and "algorithm=erm" in out
+    # The accuracies reach the Lightning logger too, at the records' steps (issue 30).
+    assert_logged_accuracies(run_dir, records(run_dir), "acc", 3, train_envs=[1, 2])
 
 
 def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):

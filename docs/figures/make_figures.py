@@ -8,7 +8,8 @@ What it runs, all on the embedded synthetic dataset (no download, CPU):
 1. a sweep ``+sweep=tiny`` lengthened to the dataset's default 1500 steps with DomainBed's default
    hyperparameters (``hparams_seed=0``): ERM and Fishr, two trials each (4 runs);
 2. one ERM and one Fishr run with ``+callbacks=hessian_alignment`` (every 50 steps);
-3. the main job, ``python train.py``, whose closing table the Getting started page shows;
+3. the main job, ``python train.py`` (``logger=tensorboard`` where tensorboard is installed), whose
+   closing table the Getting started page shows;
 4. ERM and Fishr with ``averaging=swad``, seeds 0, 1, 2 (6 runs, two at a time), for the table of the
    weight-averaging page.
 
@@ -23,6 +24,8 @@ and writes, with the package's own plotting code wherever it exists:
 - ``collect_synthetic_oracle.png`` and ``collect_synthetic_training_domain.png``: ``fishr-collect --plots``'s
   result-table plots (test accuracy per algorithm, mean ± standard error over the two trials);
 - ``main_job.txt``: the main job's closing lines, included by ``docs/index.md``;
+- ``tensorboard_main_job.png``: TensorBoard's scalars dashboard on the main job, its ``acc/`` section,
+  taken by headless Chromium (skipped, saying so, without ``chromium`` on the PATH or tensorboard);
 - ``averaging_table.txt``: the test domain's accuracy with and without SWAD over three seeds, included by
   ``docs/averaging.md``.
 """
@@ -30,11 +33,14 @@ and writes, with the package's own plotting code wherever it exists:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 FIGURES = Path(__file__).resolve().parent
@@ -81,14 +87,57 @@ def plot_erm_vs_fishr(erm_run: Path, fishr_run: Path, path: Path) -> None:
 def write_main_job(python: str, run_dir: Path, path: Path) -> None:
     """The main job's closing table (from ``Accuracy at step`` to the baseline's line) and its wall time."""
     started = time.perf_counter()
+    # TensorBoard's files for tensorboard_main_job.png; the logger changes nothing else of the run.
+    logger = ["logger=tensorboard"] if importlib.util.find_spec("tensorboard") else []
     output = subprocess.run(
-        [python, "train.py", f"hydra.run.dir={run_dir}"], cwd=REPOSITORY, check=True, capture_output=True, text=True
+        [python, "train.py", f"hydra.run.dir={run_dir}", *logger],
+        cwd=REPOSITORY,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
     seconds = time.perf_counter() - started
     first = max(i for i, line in enumerate(output) if line.startswith("Accuracy at step"))
     last = next(i for i, line in enumerate(output) if line.startswith("Baseline:"))
     path.write_text("\n".join(output[first : last + 1]) + "\n")
     print(f"  main job: {seconds:.0f} s")
+
+
+def screenshot_tensorboard(python: str, run_dir: Path, path: Path) -> None:
+    """TensorBoard's scalars dashboard on ``run_dir``'s events, filtered to the ``acc/`` section, smoothing 0,
+    as headless Chromium renders it (issue 30). Skipped, with a line saying so, without ``chromium`` on
+    the PATH (``apt-get install chromium``) or the run's TensorBoard files (``pip install tensorboard``)."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if chromium is None or not (run_dir / "tensorboard").is_dir():
+        print(f"  {path.name}: skipped (needs chromium on the PATH and tensorboard installed)")
+        return
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [python, "-m", "tensorboard.main", "--logdir", run_dir.name, "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until TensorBoard has read the events
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as answer:
+                    if b"acc/env0_in" in answer.read():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("TensorBoard did not show the main job's acc/ scalars within 120 s")
+            time.sleep(1)
+        subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={path}",
+             "--window-size=1400,1290", "--force-device-scale-factor=0.8", "--virtual-time-budget=10000",
+             f"http://127.0.0.1:{port}/#scalars&tagFilter=acc%2F&_smoothingWeight=0"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait()
 
 
 AVERAGING_SEEDS = (0, 1, 2)
@@ -166,6 +215,7 @@ def main() -> None:
         shutil.copyfile(table_plot, output / f"collect_synthetic_{method}.png")
 
     write_main_job(python, work / "main_job", output / "main_job.txt")
+    screenshot_tensorboard(python, work / "main_job", output / "tensorboard_main_job.png")
     averaging_runs = work / "averaging"
     commands = [
         [python, "train.py", f"algorithm={algorithm}", "averaging=swad", f"seed={seed}", f"trial_seed={seed}",

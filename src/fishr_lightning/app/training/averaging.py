@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.reporting.records import AVERAGED_FILE
-from fishr_lightning.app.training.evaluation import DomainBedEvaluation, per_split_sums
+from fishr_lightning.app.training.evaluation import (
+    ACCURACY_SECTION,
+    DomainBedEvaluation,
+    log_accuracies,
+    logged_accuracies,
+    per_split_sums,
+)
 from fishr_lightning.averaging.batchnorm_update import BatchNormUpdate
 from fishr_lightning.averaging.swad import SWADCallback
 
@@ -131,7 +137,9 @@ class AveragedModelRecord(Callback):
     every split at the end of training and writes the record to ``averaged.jsonl``, DomainBed's format
     with ``args.algorithm`` = e.g. ``"Fishr + SWAD"``, so that ``fishr-collect`` shows the averaged runs
     as their own rows and DomainBed's own collect_results.py, which reads only results.jsonl, sees the
-    sweep unchanged. ``record`` holds it afterwards (in this process)."""
+    sweep unchanged. ``record`` holds it afterwards (in this process). Its accuracies go to the loggers at
+    its step, as the records' (``acc/``), in a section of their own that names the average:
+    ``acc_swad/env0_in``, ``acc_ema/val_training_domain``, ... (issue 30)."""
 
     def __init__(self, evaluation: DomainBedEvaluation, cfg: DictConfig, run_dir: Path) -> None:
         self.evaluation = evaluation
@@ -155,3 +163,5 @@ class AveragedModelRecord(Callback):
         self.record = {**record, "hparams": self.evaluation.writer.hparams, "args": args}
         if trainer.is_global_zero:
             self.path.write_text(json.dumps(self.record, sort_keys=True) + "\n")
+            section = f"{ACCURACY_SECTION}_{self.averaging['name'].lower()}"
+            log_accuracies(trainer, logged_accuracies(record, self.evaluation.datamodule.train_envs, section), step)

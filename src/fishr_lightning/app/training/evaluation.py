@@ -5,7 +5,8 @@ DomainBed's ``train.py`` runs ``for step in range(n_steps)``: one update, then, 
 So ``steps=5001, checkpoint_freq=300`` gives 5001 updates and records at 0, 300, ..., 4800, 5000.
 This callback does the same after Lightning's update ``step + 1`` (``trainer.global_step``): it
 evaluates every split exactly once across processes (each reads every W-th sample; the counts are
-summed), writes the record on rank 0, and saves the resume checkpoint.
+summed), writes the record on rank 0, logs its accuracies to the Lightning loggers (``acc/env0_in``,
+..., ``acc/val_training_domain``; issue 30), and saves the resume checkpoint.
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def step_losses(outputs: Any, trainer: pl.Trainer) -> dict[str, float]:
     return {**values, **recorded_penalties(trainer)}
 
 
+# The section of the loggers' accuracies: TensorBoard, W&B and MLflow group the metrics by the name before
+# the first "/" (issue 30). The averaged model's go under ``acc_swad/``, ``acc_ema/`` (``AveragedModelRecord``).
+ACCURACY_SECTION = "acc"
+# DomainBed's training-domain validation (``IIDAccuracySelectionMethod``): the mean of the training
+# domains' out-split accuracies, the figure its model selection ranks the checkpoints by.
+TRAINING_DOMAIN_VALIDATION = "val_training_domain"
+
+
+def logged_accuracies(
+    record: dict[str, Any], train_envs: Iterable[int], section: str = ACCURACY_SECTION
+) -> dict[str, float]:
+    """A record's accuracies under the names the loggers get: ``{section}/env{i}_{in,out}`` for each split
+    (an empty split, whose accuracy is ``None``, is left out) and ``{section}/val_training_domain``, the
+    mean of the training domains' ``env{i}_out_acc``."""
+    metrics = {
+        f"{section}/{key.removesuffix('_acc')}": value
+        for key, value in record.items()
+        if key.startswith("env") and key.endswith("_acc") and value is not None
+    }
+    validation = [record.get(f"env{env}_out_acc") for env in train_envs]
+    if validation and None not in validation:
+        metrics[f"{section}/{TRAINING_DOMAIN_VALIDATION}"] = float(np.mean(validation))
+    return metrics
+
+
+def log_accuracies(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """To every logger of the trainer, at DomainBed's ``step`` label: the x of ``train/nll`` for the same
+    update (Lightning logs a step's ``self.log`` values at ``global_step - 1``, the batches done before it).
+    Straight to the loggers, as LearningRateMonitor and HessianAlignmentCallback do, not through
+    ``self.log``: that reaches them only at multiples of ``Trainer(log_every_n_steps)``, which would drop
+    most records. Loggers write on rank 0 only (their ``log_metrics`` is ``rank_zero_only``); the callers
+    call this there."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 class DomainBedEvaluation(Callback):
     """Evaluates and records at DomainBed's steps; saves ``resume_checkpoint`` after each record but the last.
 
@@ -163,6 +200,7 @@ class DomainBedEvaluation(Callback):
         record = self.record(trainer, pl_module, step)
         if trainer.is_global_zero:
             self.writer.write(record)
+            log_accuracies(trainer, logged_accuracies(record, self.datamodule.train_envs), step)
             self.print(trainer, self.writer.table_rows(record))
             self.last_record = record
         # Not after the last update: a run resumed from there would skip on_train_end (Lightning's fit loop

@@ -46,6 +46,7 @@ from fishr_lightning.app.training.config_checks import check_top_level_keys
 from fishr_lightning.app.training.console import quiet_lightning
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
+from fishr_lightning.app.training.loggers import finish_loggers, instantiate_logger
 from fishr_lightning.app.training.module import DomainClassifier
 from fishr_lightning.app.training.preemption import Preempted, Preemption
 from fishr_lightning.app.training.progress import ProgressLines
@@ -261,7 +262,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         enable_checkpointing=False,  # DomainBedEvaluation saves the resume checkpoint after each record
         enable_progress_bar=progress_bar,
         callbacks=callbacks,
-        logger=instantiate(cfg.logger, save_dir=str(run_dir)),
+        logger=instantiate_logger(cfg.logger, run_dir),
         default_root_dir=str(run_dir),
     )
     check_batch_divides(hparams["batch_size"], trainer.world_size)
@@ -276,7 +277,10 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.state_dict())
     (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)  # W&B: the next run of a sweep gets its own run (issue 30)
 
     records = read_records(run_dir)
     # The last record, not trainer.global_step: that stays 0 in the main process of ddp_spawn.
