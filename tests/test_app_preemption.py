@@ -15,14 +15,20 @@ import time
 from pathlib import Path
 
 import torch
+from data_factories import write_pacs
 from test_app_train import FAST, SMALL_SYNTHETIC, records, run_app
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.training.run_directory import run_directory_lock
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-OPTIONS = [
-    *SMALL_SYNTHETIC,
+OPTIONS = [  # an image tree read by 2 persistent workers per loader (the training and the evaluation loader)
+    "dataset=pacs",
+    "test_envs=[3]",
+    "backbone=mlp",
+    "dataset.image_size=16",
+    "batch_size=8",
+    "loader.eval_batch_size=32",
     "steps=25",
     "checkpoint_freq=10",
     "torch_threads=1",
@@ -50,17 +56,22 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> N
 
 
 def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path):
+    """SIGTERM to the whole process group, as SLURM signals every process of a job step: the loader
+    workers ignore it (issue 25: they died, and the run ended with "DataLoader worker ... exited
+    unexpectedly", status 1, nothing saved), the training process saves and exits 143."""
     run_dir, marker, release = tmp_path / "run", tmp_path / "paused", tmp_path / "release"
+    data = [f"data_dir={write_pacs(tmp_path / 'data', images_per_class=3, size=16)}", "loader.num_workers=2"]
     pause = [
         "+callbacks.pause._target_=data_factories.PauseAfter",
         "+callbacks.pause.updates=13",
         f"+callbacks.pause.marker={marker}",
         f"+callbacks.pause.release={release}",
     ]
-    command = [sys.executable, "train.py", *FAST, *OPTIONS, *pause, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "train.py", *FAST, *OPTIONS, *data, *pause, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}
     with (tmp_path / "first.out").open("w") as out, (tmp_path / "first.err").open("w") as err:
-        first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err)
+        # Its own process group (a job step's): the run and the workers it forks.
+        first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
             wait_for(marker, first)  # 13 updates done, records 0 and 10 written, the run holds its directory
 
@@ -70,12 +81,12 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
             assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second.stderr
             assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
 
-            first.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+            os.killpg(first.pid, signal.SIGTERM)  # what SLURM sends every process of the step before it kills a job
             release.touch()
             first.wait(timeout=300)
         finally:
             if first.poll() is None:
-                first.kill()
+                os.killpg(first.pid, signal.SIGKILL)
     stdout, stderr = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
     assert first.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
     assert "SIGTERM received: the run stopped after 13 updates" in stderr and "Traceback" not in stderr
@@ -94,7 +105,7 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
     uninterrupted = tmp_path / "uninterrupted"
     threads = torch.get_num_threads()
     try:
-        assert run_app(monkeypatch, uninterrupted, *OPTIONS) == 0
+        assert run_app(monkeypatch, uninterrupted, *OPTIONS, data[0]) == 0  # no workers: the same records
     finally:
         torch.set_num_threads(threads)
     assert [r["step"] for r in records(run_dir)] == [0, 10, 20, 24]

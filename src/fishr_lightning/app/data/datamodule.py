@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.fast_images import FastImageTransform, MixedImages, UInt8Images, collate_images
+from fishr_lightning.app.data.loader_workers import PreemptionSignalsIgnored
 from fishr_lightning.app.data.specs import MultiDomainData
 from fishr_lightning.app.seeding import seed_hash
 
@@ -300,6 +303,7 @@ class DomainBedDataModule(pl.LightningDataModule):
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers and num_workers > 0,
             "collate_fn": collate_images,  # default_collate, but for JPEGs left to the device (data.decode=device)
+            "worker_init_fn": PreemptionSignalsIgnored(),  # on every loader of the app (issue 25)
         }
 
     @property
@@ -356,7 +360,10 @@ class DomainBedDataModule(pl.LightningDataModule):
             keyed=keyed,
         )
         samples = SeededSamples(dataset, self.seed) if keyed else dataset
-        return DataLoader(samples, batch_sampler=sampler, **self.loader_options)
+        options = self.loader_options
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning seeds the workers of a loader without worker_init_fn
+            options["worker_init_fn"] = PreemptionSignalsIgnored(partial(pl_worker_init_function, rank=sampler.rank))
+        return DataLoader(samples, batch_sampler=sampler, **options)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The fast pipeline's device part: ``(UInt8Images, y, group)`` → ``(x, y, group)``, ``x`` normalised
