@@ -35,11 +35,26 @@ OPTIONS = [
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+# What an interactive `srun --pty bash` leaves in the shell (one task, job name bash): Lightning does not
+# detect SLURM there and launches the ranks itself; each inherits SLURM_PROCID=0 (issue 25).
+INTERACTIVE_SRUN = {
+    "SLURM_JOB_NAME": "bash",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_STEP_ID": "0",
+    "SLURM_TASKS_PER_NODE": "1",
+}
+
+
+def launch(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python /path/to/train.py`` from another folder, as a cluster job runs it: Lightning re-launches the
     same command line for rank 1, which must find the script and its configs from there too."""
     command = [sys.executable, str(REPOSITORY / "train.py"), *OPTIONS, f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}  # data_factories' callbacks
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests"), **(env or {})}  # data_factories' callbacks
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         command, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300, check=False
@@ -50,18 +65,19 @@ def results(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
-def run(run_dir: Path, *overrides: str) -> list[dict]:
-    completed = launch(run_dir, *overrides)
+def run(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> list[dict]:
+    completed = launch(run_dir, *overrides, env=env)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     return results(run_dir)
 
 
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory) -> Path:
-    """The same run in one process and in two DDP processes, uninterrupted: ``one/`` and ``two/``."""
+    """The same run in one process and in two DDP processes, uninterrupted: ``one/`` and ``two/``, the
+    latter launched from an interactive ``srun`` shell (Lightning's own ranks, not the inherited SLURM_PROCID)."""
     root = tmp_path_factory.mktemp("ddp")
     run(root / "one", "trainer=cpu")
-    run(root / "two", *DDP)
+    run(root / "two", *DDP, env=INTERACTIVE_SRUN)
     return root
 
 
@@ -133,3 +149,41 @@ def test_a_sigterm_to_one_ddp_process_stops_both_at_one_step_and_the_same_comman
     expected_weights = torch.load(uninterrupted / "model.pt", weights_only=True)["state_dict"]
     for name, tensor in torch.load(run_dir / "model.pt", weights_only=True)["state_dict"].items():
         torch.testing.assert_close(tensor, expected_weights[name], msg=name)
+
+
+def test_rank_zero_is_lightnings_global_rank_zero_whatever_the_inherited_slurm_variables(monkeypatch):
+    """Rank 0 (the process that takes the run's lock) as Lightning's chosen cluster environment numbers it
+    (issue 25): under an interactive srun, LOCAL_RANK and NODE_RANK; under srun's own tasks, SLURM_PROCID."""
+    from fishr_lightning.app.training.run_directory import is_global_zero
+
+    for name in ("RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in INTERACTIVE_SRUN.items():
+        monkeypatch.setenv(name, value)
+    assert is_global_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the child Lightning launched on this node
+    assert not is_global_zero()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # the first process of the second node
+    assert not is_global_zero()
+    # A batch job's tasks, each launched by srun (Lightning's SLURMEnvironment): SLURM_PROCID is the rank.
+    for name, value in {"SLURM_JOB_NAME": "fishr", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert not is_global_zero()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert is_global_zero()
+
+
+def test_loader_workers_take_the_affinity_as_this_tasks_share_when_the_launcher_bound_it(monkeypatch):
+    """Under srun's CPU binding the affinity is already one task's share of the node (issue 25: it was
+    divided by the processes per node again); processes Lightning launches share one affinity."""
+    from fishr_lightning.app.data import datamodule
+
+    monkeypatch.setattr(datamodule.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")  # 2 tasks on this node, each bound to 8 of the job's 16 cores
+    assert datamodule.default_num_workers(processes_per_node=2) == 7
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "8")  # one task with 8 cores, 2 processes launched by Lightning
+    assert datamodule.default_num_workers(processes_per_node=2) == 3
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE")  # no SLURM: the node's processes share the affinity
+    assert datamodule.default_num_workers(processes_per_node=2) == 3

@@ -203,6 +203,52 @@ def test_a_lock_held_in_this_process_refuses_with_the_directory(tmp_path):
             assert f"Another process is running in {run_dir} (pid {os.getpid()} on " in str(error)
 
 
+def test_a_file_system_without_flock_is_named_with_the_mount_option_and_localflock_warns(monkeypatch, tmp_path, capsys):
+    """Lustre mounted without flock answers flock with ENOSYS, NFS without its lock daemon with ENOLCK (issue
+    25: filelock's traceback); with localflock the lock holds on one node only."""
+    import errno
+
+    import pytest
+
+    from fishr_lightning.app.training import run_directory
+
+    run_dir = tmp_path / "scratch" / "run"
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw,relatime 0 0\n"
+        f"10.0.0.1@o2ib:/scratch {tmp_path / 'scratch'} lustre rw,noflock,lazystatfs 0 0\n"
+    )
+    monkeypatch.setattr(run_directory, "MOUNTS_FILE", mounts)
+
+    def no_flock(code):
+        def flock(descriptor, operation):
+            raise OSError(code, os.strerror(code))
+
+        return flock
+
+    for code in (errno.ENOSYS, errno.ENOLCK):
+        monkeypatch.setattr(run_directory.fcntl, "flock", no_flock(code))
+        with pytest.raises(AppError) as refused, run_directory_lock(run_dir):
+            raise AssertionError("the block ran without a lock")
+        message = str(refused.value)
+        assert message.startswith(
+            f"The run directory {run_dir} is on a lustre file system (mounted at {tmp_path / 'scratch'} with "
+            f"options rw,noflock,lazystatfs) whose file locks do not work here: flock on {run_dir / '.lock'} "
+            f"failed with {errno.errorcode[code]} ("
+        )
+        assert "mount the file system with the flock option (Lustre: -o flock" in message
+    monkeypatch.undo()
+
+    mounts.write_text(f"10.0.0.1@o2ib:/scratch {tmp_path / 'scratch'} lustre rw,localflock 0 0\n")
+    monkeypatch.setattr(run_directory, "MOUNTS_FILE", mounts)
+    with run_directory_lock(run_dir):
+        pass
+    assert capsys.readouterr().err == (
+        f"warning: {run_dir} is on a lustre mount with localflock: the run directory's lock keeps out a second "
+        "process on this node only (mount with flock for a cluster-wide lock).\n"
+    )
+
+
 def test_garbage_and_incompatible_checkpoints_are_named_with_what_to_do(monkeypatch, tmp_path, capsys):
     run_dir = tmp_path / "run"
     garbage = run_dir / "checkpoints" / "last.ckpt"

@@ -195,9 +195,15 @@ class SeededSamples(Dataset):
 
 def default_num_workers(processes_per_node: int = 1) -> int:
     """Loader workers per loader: the cores this process may use (``os.sched_getaffinity``) shared among
-    the node's processes, less one for the process itself (0, loading in the process, on one core)."""
+    the node's processes, less one for the process itself (0, loading in the process, on one core).
+
+    Where the launcher bound each task to its own cores (srun's CPU binding: fewer cores than SLURM gave
+    the job on this node, ``SLURM_CPUS_ON_NODE``), the affinity is already this process's share and is not
+    divided again (issue 25); processes that Lightning launches itself inherit the whole affinity."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(cores // max(processes_per_node, 1) - 1, 0)
+    node_cores = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    bound_by_launcher = node_cores.isdigit() and cores < int(node_cores)
+    return max(cores // (1 if bound_by_launcher else max(processes_per_node, 1)) - 1, 0)
 
 
 EvaluationKey = tuple[int, int, int]  # (step, split, index in the split)
