@@ -161,6 +161,32 @@ def test_a_signal_after_the_last_update_stops_at_once_and_the_rerun_redoes_the_f
     assert json.loads((run_dir / "averaged.jsonl").read_text())["step"] == 5
 
 
+def test_a_signal_after_the_last_update_reaches_the_ranks_lightning_launched_before_this_one_stops():
+    """Under DDP, rank 0 passes the signal to the ranks Lightning launched (its launcher's ``kill``); after
+    the last update it raised first and never passed it on, leaving them in a collective (issue 25)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from fishr_lightning.app.training.preemption import Preempted, Preemption
+
+    forwarded = []
+    launcher = SimpleNamespace(kill=forwarded.append)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), global_step=6, global_rank=0)
+    for training_over in (False, True):
+        forwarded.clear()
+        preemption = Preemption(None)
+        preemption._trainer, preemption._training_over = trainer, training_over
+        if training_over:
+            with pytest.raises(Preempted, match="SIGTERM received: the run stopped after 6 updates"):
+                preemption._note(signal.SIGTERM, None)
+        else:
+            preemption._note(signal.SIGTERM, None)  # noted: the run stops at the end of the step
+        assert forwarded == [signal.SIGTERM]
+        preemption._note(signal.SIGTERM, None)  # a second signal is not passed on again
+        assert forwarded == [signal.SIGTERM]
+
+
 def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
     """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
     yet): Lightning would end the fit with status 0; the run saves its first step and exits 143."""

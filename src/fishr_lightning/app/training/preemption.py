@@ -112,6 +112,11 @@ class Preemption(Callback):
     def _note(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = signum
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if first and launcher is not None and hasattr(launcher, "kill"):
+            # The ranks Lightning started in subprocesses get it too (as Lightning does), before this one stops
+            # below (issue 25: after the last update it raised first, and they waited in a collective for it).
+            launcher.kill(signum)
         if self._training_over and first:
             # After the last update no step end comes to act on it: stop now (SWAD's BatchNorm update or the
             # averaged evaluation can take minutes). Nothing is saved: a checkpoint past the last update would
@@ -120,9 +125,6 @@ class Preemption(Callback):
             step = trainer.global_step if trainer is not None else 0
             slurm_job = slurm_job_to_requeue(trainer, signum) if trainer is not None else None
             raise Preempted(signum, step, None, self.requeue, slurm_job)
-        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
-        if first and launcher is not None and hasattr(launcher, "kill"):
-            launcher.kill(signum)  # the ranks Lightning started in subprocesses get it too (as Lightning does)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning's _SignalConnector registered its handlers (it restores what it found at the end).
