@@ -101,20 +101,64 @@ def test_two_ddp_processes_record_what_one_process_records(one_and_two_processes
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
-    command = [
-        sys.executable,
-        "train.py",
-        *OPTIONS,
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "batch_size=7",
+def test_a_batch_the_processes_cannot_share_and_cpu_ddp_with_training_batchnorm_are_refused(
+    monkeypatch, tmp_path, capsys
+):
+    """Both refused when the trainer is built, before any process starts (so in this process). BatchNorm in
+    training mode needs synchronised statistics under DDP (issue 25), which torch computes on GPUs only."""
+    from data_factories import write_pacs
+    from test_app_train import run_app
+
+    options = [option for option in OPTIONS if option != "+trainer.enable_model_summary=false"]  # run_app sets it
+    status = run_app(monkeypatch, tmp_path / "run", *options, *DDP, "batch_size=7")
+    err = capsys.readouterr().err
+    assert status == 2 and "batch_size=7 is the per-domain batch of the whole step, shared by 2 processes" in err
+
+    data_dir = write_pacs(tmp_path / "data", images_per_class=1)
+    resnet = ["backbone=resnet18", "backbone.pretrained=false", "dataset.image_size=32", f"data_dir={data_dir}"]
+    pacs = ["dataset=pacs", "test_envs=[3]", "batch_size=4", "steps=2", *resnet]
+    status = run_app(monkeypatch, tmp_path / "bn", *pacs, *DDP, "backbone.freeze_batchnorm=false")
+    err = capsys.readouterr().err
+    assert status == 2 and "error: The backbone's BatchNorm layers (network.bn1, network.layer1.0.bn1, " in err
+    assert "2 processes on cpu would each normalise over their own share of the batch" in err
+    assert "Synchronised BatchNorm (sync_batchnorm), which makes it one, needs GPUs" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if not line.startswith("INFO:")]) == 1
+    assert not (tmp_path / "bn" / "results.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_processes_with_training_batchnorm_record_what_one_gpu_records(tmp_path):
+    """Synchronised BatchNorm under trainer=ddp (on by default when a BatchNorm trains, issue 25): CORAL's
+    per-domain forwards through a ResNet-18 whose BatchNorm statistics train, 2 GPUs against 1."""
+    from data_factories import write_pacs
+
+    data_dir = write_pacs(tmp_path / "data", images_per_class=3, size=32)
+    options = [
+        "dataset=pacs",
+        "test_envs=[3]",
+        "algorithm=coral",
+        "backbone=resnet18",
+        "backbone.pretrained=false",
+        "backbone.freeze_batchnorm=false",
+        "dataset.image_size=32",
+        f"data_dir={data_dir}",
+        "batch_size=8",
+        "steps=4",
+        "checkpoint_freq=2",
+        "+trainer.deterministic=true",
+        "+trainer.enable_model_summary=false",
     ]
-    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300, check=False)
-    assert completed.returncode != 0
-    assert "batch_size=7 is the per-domain batch of the whole step, shared by 2 processes" in completed.stderr
+    records = {}
+    for name, trainer in (("one", ["trainer=gpu"]), ("two", ["trainer=ddp", "trainer.devices=2"])):
+        command = [sys.executable, str(REPOSITORY / "train.py"), *options, *trainer, f"hydra.run.dir={tmp_path / name}"]
+        completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+        records[name] = results(tmp_path / name)
+    assert [r["step"] for r in records["two"]] == [r["step"] for r in records["one"]] == [0, 2, 3]
+    for single, double in zip(records["one"], records["two"]):
+        for name in sorted(name for name in single if name.endswith("_acc") or name in ("loss", "nll", "penalty")):
+            assert double[name] == pytest.approx(single[name], rel=1e-3, abs=1e-4), name
 
 
 def test_a_sigterm_to_one_ddp_process_stops_both_at_one_step_and_the_same_command_resumes(
