@@ -27,10 +27,10 @@ OPTIONS = [  # an image tree read by 2 persistent workers per loader (the traini
     "test_envs=[3]",
     "backbone=mlp",
     "dataset.image_size=16",
-    "batch_size=8",
+    "batch_size=4",
     "loader.eval_batch_size=32",
-    "steps=25",
-    "checkpoint_freq=10",
+    "steps=15",
+    "checkpoint_freq=5",
     "torch_threads=1",
     "+hparams.penalty_anneal_iters=5",
     "+hparams.lambda=10",
@@ -63,7 +63,7 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
     data = [f"data_dir={write_pacs(tmp_path / 'data', images_per_class=3, size=16)}", "loader.num_workers=2"]
     pause = [
         "+callbacks.pause._target_=data_factories.PauseAfter",
-        "+callbacks.pause.updates=13",
+        "+callbacks.pause.updates=8",
         f"+callbacks.pause.marker={marker}",
         f"+callbacks.pause.release={release}",
     ]
@@ -73,7 +73,7 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
         # Its own process group (a job step's): the run and the workers it forks.
         first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
-            wait_for(marker, first)  # 13 updates done, records 0 and 10 written, the run holds its directory
+            wait_for(marker, first)  # 8 updates done, records 0 and 5 written, the run holds its directory
 
             # A second launch of the same command while the first runs: refused, the directory named.
             second = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
@@ -89,15 +89,15 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
                 os.killpg(first.pid, signal.SIGKILL)
     stdout, stderr = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
     assert first.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
-    assert "SIGTERM received: the run stopped after 13 updates" in stderr and "Traceback" not in stderr
+    assert "SIGTERM received: the run stopped after 8 updates" in stderr and "Traceback" not in stderr
     lines = stdout.strip().splitlines()
     assert lines[0] == f"fishr-train: run directory {run_dir}"
     assert lines[-1] == f"fishr-train: run directory {run_dir} (preempted, not finished)"
-    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 10]
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 5]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 13  # the step reached, not the last record's
+    assert saved["global_step"] == 8  # the step reached, not the last record's
 
-    # The same command line again (ckpt_path: auto): it resumes at update 14 and finishes.
+    # The same command line again (ckpt_path: auto): it resumes at update 9 and finishes.
     resumed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert (run_dir / "done").exists() and not (run_dir / "checkpoints").exists()
@@ -108,7 +108,7 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
         assert run_app(monkeypatch, uninterrupted, *OPTIONS, data[0]) == 0  # no workers: the same records
     finally:
         torch.set_num_threads(threads)
-    assert [r["step"] for r in records(run_dir)] == [0, 10, 20, 24]
+    assert [r["step"] for r in records(run_dir)] == [0, 5, 10, 14]
     # Accuracies, losses averaged since the previous record, penalty, epoch, hparams, args: all equal.
     assert comparable(records(run_dir)) == comparable(records(uninterrupted))
     expected = torch.load(uninterrupted / "model.pt", weights_only=True)["state_dict"]
