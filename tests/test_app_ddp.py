@@ -181,8 +181,22 @@ def test_a_sigterm_to_one_ddp_process_stops_both_at_one_step_and_the_same_comman
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3
 
-    resumed = launch(run_dir, *DDP, *signal_once)  # the same command: ckpt_path auto; no second signal
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    # The same command (ckpt_path auto), signalled again after its last update, in rank 0 only: rank 0 passes
+    # the signal on before it stops, so rank 1 stops too rather than wait for it in the averaged evaluation's
+    # collectives (issue 25: it raised first, and rank 1 failed on the lost peer or waited for the timeout).
+    after_the_last_update = [
+        "+callbacks.late._target_=data_factories.SignalAfterTheLastUpdate",
+        f"+callbacks.late.once_file={tmp_path / 'signalled_late'}",
+        "+callbacks.late.signal_name=SIGUSR1",
+    ]
+    command = [*DDP, *signal_once, *after_the_last_update]
+    resumed = launch(run_dir, *command)
+    assert resumed.returncode == 128 + signal.SIGUSR1, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert resumed.stderr.count("SIGUSR1 received: the run stopped after 6 updates (during the work after") == 2
+    assert "Traceback" not in resumed.stderr and not (run_dir / "done").exists()
+
+    finished = launch(run_dir, *command)  # the same command again: no more signals
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-4000:]
     assert (run_dir / "done").exists()
     uninterrupted = one_and_two_processes / "two"
     for got, expected in zip(results(run_dir), results(uninterrupted), strict=True):
