@@ -186,6 +186,20 @@ def test_a_signal_after_the_last_update_reaches_the_ranks_lightning_launched_bef
         preemption._note(signal.SIGTERM, None)  # a second signal is not passed on again
         assert forwarded == [signal.SIGTERM]
 
+    # A rank behind the others notes the signal while it returns from the last update's vote (which said go
+    # on): the others, ahead, stop as after the last update; so does it, rather than wait for them.
+    preemption = Preemption(None)
+
+    def vote(decision, all):
+        preemption._note(signal.SIGTERM, None)  # arrives as the reduction returns
+        return decision
+
+    strategy = SimpleNamespace(launcher=None, reduce_boolean_decision=vote)
+    last = SimpleNamespace(strategy=strategy, global_step=6, max_steps=6, world_size=2, global_rank=1)
+    preemption._trainer = last
+    with pytest.raises(Preempted, match="the run stopped after 6 updates \\(during the work after the last update"):
+        preemption.on_train_batch_end(last, None, None, None, 5)
+
 
 def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
     """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
