@@ -147,6 +147,19 @@ class SignalAfter(Callback):
         os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
+class SignalAfterTheLastUpdate(Callback):
+    """Sends ``signal_name`` to its own process at the end of the training epoch that the last update ended,
+    before ``on_train_end`` (SWAD's BatchNorm update and the averaged evaluation, collectives under DDP), in
+    the process of global rank ``rank`` only, once (``once_file``)."""
+
+    def __init__(self, once_file: str, signal_name: str = "SIGTERM", rank: int = 0) -> None:
+        self.sender, self.rank = SignalAfter(-1, once_file, signal_name), rank
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.global_rank == self.rank:
+            self.sender.send_once()
+
+
 class SignalAtTrainEnd(SignalAfter):
     """``SignalAfter``'s signal during ``on_train_end``, after the last update (where SWAD's BatchNorm
     update and the averaged evaluation run)."""

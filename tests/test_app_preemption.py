@@ -15,16 +15,22 @@ import time
 from pathlib import Path
 
 import torch
+from data_factories import write_pacs
 from test_app_train import FAST, SMALL_SYNTHETIC, records, run_app
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.training.run_directory import run_directory_lock
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-OPTIONS = [
-    *SMALL_SYNTHETIC,
-    "steps=25",
-    "checkpoint_freq=10",
+OPTIONS = [  # an image tree read by 2 persistent workers per loader (the training and the evaluation loader)
+    "dataset=pacs",
+    "test_envs=[3]",
+    "backbone=mlp",
+    "dataset.image_size=16",
+    "batch_size=4",
+    "loader.eval_batch_size=32",
+    "steps=15",
+    "checkpoint_freq=5",
     "torch_threads=1",
     "+hparams.penalty_anneal_iters=5",
     "+hparams.lambda=10",
@@ -50,19 +56,24 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> N
 
 
 def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path):
+    """SIGTERM to the whole process group, as SLURM signals every process of a job step: the loader
+    workers ignore it (issue 25: they died, and the run ended with "DataLoader worker ... exited
+    unexpectedly", status 1, nothing saved), the training process saves and exits 143."""
     run_dir, marker, release = tmp_path / "run", tmp_path / "paused", tmp_path / "release"
+    data = [f"data_dir={write_pacs(tmp_path / 'data', images_per_class=3, size=16)}", "loader.num_workers=2"]
     pause = [
         "+callbacks.pause._target_=data_factories.PauseAfter",
-        "+callbacks.pause.updates=13",
+        "+callbacks.pause.updates=8",
         f"+callbacks.pause.marker={marker}",
         f"+callbacks.pause.release={release}",
     ]
-    command = [sys.executable, "train.py", *FAST, *OPTIONS, *pause, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "train.py", *FAST, *OPTIONS, *data, *pause, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY / "tests")}
     with (tmp_path / "first.out").open("w") as out, (tmp_path / "first.err").open("w") as err:
-        first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err)
+        # Its own process group (a job step's): the run and the workers it forks.
+        first = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
-            wait_for(marker, first)  # 13 updates done, records 0 and 10 written, the run holds its directory
+            wait_for(marker, first)  # 8 updates done, records 0 and 5 written, the run holds its directory
 
             # A second launch of the same command while the first runs: refused, the directory named.
             second = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
@@ -70,23 +81,23 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
             assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second.stderr
             assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
 
-            first.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+            os.killpg(first.pid, signal.SIGTERM)  # what SLURM sends every process of the step before it kills a job
             release.touch()
             first.wait(timeout=300)
         finally:
             if first.poll() is None:
-                first.kill()
+                os.killpg(first.pid, signal.SIGKILL)
     stdout, stderr = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
     assert first.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-3000:]
-    assert "SIGTERM received: the run stopped after 13 updates" in stderr and "Traceback" not in stderr
+    assert "SIGTERM received: the run stopped after 8 updates" in stderr and "Traceback" not in stderr
     lines = stdout.strip().splitlines()
     assert lines[0] == f"fishr-train: run directory {run_dir}"
     assert lines[-1] == f"fishr-train: run directory {run_dir} (preempted, not finished)"
-    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 10]
+    assert not (run_dir / "done").exists() and [r["step"] for r in records(run_dir)] == [0, 5]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 13  # the step reached, not the last record's
+    assert saved["global_step"] == 8  # the step reached, not the last record's
 
-    # The same command line again (ckpt_path: auto): it resumes at update 14 and finishes.
+    # The same command line again (ckpt_path: auto): it resumes at update 9 and finishes.
     resumed = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert (run_dir / "done").exists() and not (run_dir / "checkpoints").exists()
@@ -94,10 +105,10 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
     uninterrupted = tmp_path / "uninterrupted"
     threads = torch.get_num_threads()
     try:
-        assert run_app(monkeypatch, uninterrupted, *OPTIONS) == 0
+        assert run_app(monkeypatch, uninterrupted, *OPTIONS, data[0]) == 0  # no workers: the same records
     finally:
         torch.set_num_threads(threads)
-    assert [r["step"] for r in records(run_dir)] == [0, 10, 20, 24]
+    assert [r["step"] for r in records(run_dir)] == [0, 5, 10, 14]
     # Accuracies, losses averaged since the previous record, penalty, epoch, hparams, args: all equal.
     assert comparable(records(run_dir)) == comparable(records(uninterrupted))
     expected = torch.load(uninterrupted / "model.pt", weights_only=True)["state_dict"]
@@ -150,6 +161,46 @@ def test_a_signal_after_the_last_update_stops_at_once_and_the_rerun_redoes_the_f
     assert json.loads((run_dir / "averaged.jsonl").read_text())["step"] == 5
 
 
+def test_a_signal_after_the_last_update_reaches_the_ranks_lightning_launched_before_this_one_stops():
+    """Under DDP, rank 0 passes the signal to the ranks Lightning launched (its launcher's ``kill``); after
+    the last update it raised first and never passed it on, leaving them in a collective (issue 25)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from fishr_lightning.app.training.preemption import Preempted, Preemption
+
+    forwarded = []
+    launcher = SimpleNamespace(kill=forwarded.append)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), global_step=6, global_rank=0)
+    for training_over in (False, True):
+        forwarded.clear()
+        preemption = Preemption(None)
+        preemption._trainer, preemption._training_over = trainer, training_over
+        if training_over:
+            with pytest.raises(Preempted, match="SIGTERM received: the run stopped after 6 updates"):
+                preemption._note(signal.SIGTERM, None)
+        else:
+            preemption._note(signal.SIGTERM, None)  # noted: the run stops at the end of the step
+        assert forwarded == [signal.SIGTERM]
+        preemption._note(signal.SIGTERM, None)  # a second signal is not passed on again
+        assert forwarded == [signal.SIGTERM]
+
+    # A rank behind the others notes the signal while it returns from the last update's vote (which said go
+    # on): the others, ahead, stop as after the last update; so does it, rather than wait for them.
+    preemption = Preemption(None)
+
+    def vote(decision, all):
+        preemption._note(signal.SIGTERM, None)  # arrives as the reduction returns
+        return decision
+
+    strategy = SimpleNamespace(launcher=None, reduce_boolean_decision=vote)
+    last = SimpleNamespace(strategy=strategy, global_step=6, max_steps=6, world_size=2, global_rank=1)
+    preemption._trainer = last
+    with pytest.raises(Preempted, match="the run stopped after 6 updates \\(during the work after the last update"):
+        preemption.on_train_batch_end(last, None, None, None, 5)
+
+
 def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkeypatch, tmp_path, capsys):
     """SIGTERM while Lightning builds the training loader (its own handler is in place, Preemption's not
     yet): Lightning would end the fit with status 0; the run saves its first step and exits 143."""
@@ -190,6 +241,52 @@ def test_a_lock_held_in_this_process_refuses_with_the_directory(tmp_path):
                 raise AssertionError("a second holder got the lock")
         except AppError as error:
             assert f"Another process is running in {run_dir} (pid {os.getpid()} on " in str(error)
+
+
+def test_a_file_system_without_flock_is_named_with_the_mount_option_and_localflock_warns(monkeypatch, tmp_path, capsys):
+    """Lustre mounted without flock answers flock with ENOSYS, NFS without its lock daemon with ENOLCK (issue
+    25: filelock's traceback); with localflock the lock holds on one node only."""
+    import errno
+
+    import pytest
+
+    from fishr_lightning.app.training import run_directory
+
+    run_dir = tmp_path / "scratch" / "run"
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw,relatime 0 0\n"
+        f"10.0.0.1@o2ib:/scratch {tmp_path / 'scratch'} lustre rw,noflock,lazystatfs 0 0\n"
+    )
+    monkeypatch.setattr(run_directory, "MOUNTS_FILE", mounts)
+
+    def no_flock(code):
+        def flock(descriptor, operation):
+            raise OSError(code, os.strerror(code))
+
+        return flock
+
+    for code in (errno.ENOSYS, errno.ENOLCK):
+        monkeypatch.setattr(run_directory.fcntl, "flock", no_flock(code))
+        with pytest.raises(AppError) as refused, run_directory_lock(run_dir):
+            raise AssertionError("the block ran without a lock")
+        message = str(refused.value)
+        assert message.startswith(
+            f"The run directory {run_dir} is on a lustre file system (mounted at {tmp_path / 'scratch'} with "
+            f"options rw,noflock,lazystatfs) whose file locks do not work here: flock on {run_dir / '.lock'} "
+            f"failed with {errno.errorcode[code]} ("
+        )
+        assert "mount the file system with the flock option (Lustre: -o flock" in message
+    monkeypatch.undo()
+
+    mounts.write_text(f"10.0.0.1@o2ib:/scratch {tmp_path / 'scratch'} lustre rw,localflock 0 0\n")
+    monkeypatch.setattr(run_directory, "MOUNTS_FILE", mounts)
+    with run_directory_lock(run_dir):
+        pass
+    assert capsys.readouterr().err == (
+        f"warning: {run_dir} is on a lustre mount with localflock: the run directory's lock keeps out a second "
+        "process on this node only (mount with flock for a cluster-wide lock).\n"
+    )
 
 
 def test_garbage_and_incompatible_checkpoints_are_named_with_what_to_do(monkeypatch, tmp_path, capsys):

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.fast_images import FastImageTransform, MixedImages, UInt8Images, collate_images
+from fishr_lightning.app.data.loader_workers import PreemptionSignalsIgnored
 from fishr_lightning.app.data.specs import MultiDomainData
 from fishr_lightning.app.seeding import seed_hash
 
@@ -194,9 +197,15 @@ class SeededSamples(Dataset):
 
 def default_num_workers(processes_per_node: int = 1) -> int:
     """Loader workers per loader: the cores this process may use (``os.sched_getaffinity``) shared among
-    the node's processes, less one for the process itself (0, loading in the process, on one core)."""
+    the node's processes, less one for the process itself (0, loading in the process, on one core).
+
+    Where the launcher bound each task to its own cores (srun's CPU binding: fewer cores than SLURM gave
+    the job on this node, ``SLURM_CPUS_ON_NODE``), the affinity is already this process's share and is not
+    divided again (issue 25); processes that Lightning launches itself inherit the whole affinity."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(cores // max(processes_per_node, 1) - 1, 0)
+    node_cores = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    bound_by_launcher = node_cores.isdigit() and cores < int(node_cores)
+    return max(cores // (1 if bound_by_launcher else max(processes_per_node, 1)) - 1, 0)
 
 
 EvaluationKey = tuple[int, int, int]  # (step, split, index in the split)
@@ -302,6 +311,7 @@ class DomainBedDataModule(pl.LightningDataModule):
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers and num_workers > 0,
             "collate_fn": collate_images,  # default_collate, but for JPEGs left to the device (data.decode=device)
+            "worker_init_fn": PreemptionSignalsIgnored(),  # on every loader of the app (issue 25)
         }
 
     @property
@@ -363,7 +373,10 @@ class DomainBedDataModule(pl.LightningDataModule):
             keyed=keyed,
         )
         samples = SeededSamples(dataset, self.seed) if keyed else dataset
-        return DataLoader(samples, batch_sampler=sampler, **self.loader_options)
+        options = self.loader_options
+        if int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning seeds the workers of a loader without worker_init_fn
+            options["worker_init_fn"] = PreemptionSignalsIgnored(partial(pl_worker_init_function, rank=sampler.rank))
+        return DataLoader(samples, batch_sampler=sampler, **options)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The fast pipeline's device part: ``(UInt8Images, y, group)`` → ``(x, y, group)``, ``x`` normalised

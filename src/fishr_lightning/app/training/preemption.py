@@ -32,8 +32,12 @@ from lightning.pytorch.callbacks import Callback
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
-class Preempted(Exception):
-    """The run was asked to stop by ``signum`` and saved ``checkpoint`` at ``step`` updates."""
+class Preempted(BaseException):
+    """The run was asked to stop by ``signum`` and saved ``checkpoint`` at ``step`` updates.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: after the last update it is raised from the signal handler,
+    at any bytecode, possibly while a library's ``except Exception`` block runs (a DDP rank unwinding a
+    collective whose peer has just stopped), which must not swallow it (issue 25)."""
 
     def __init__(
         self, signum: int, step: int, checkpoint: Path | None, requeue: Any = None, slurm_job: str | None = None
@@ -112,6 +116,11 @@ class Preemption(Callback):
     def _note(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = signum
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if first and launcher is not None and hasattr(launcher, "kill"):
+            # The ranks Lightning started in subprocesses get it too (as Lightning does), before this one stops
+            # below (issue 25: after the last update it raised first, and they waited in a collective for it).
+            launcher.kill(signum)
         if self._training_over and first:
             # After the last update no step end comes to act on it: stop now (SWAD's BatchNorm update or the
             # averaged evaluation can take minutes). Nothing is saved: a checkpoint past the last update would
@@ -120,9 +129,6 @@ class Preemption(Callback):
             step = trainer.global_step if trainer is not None else 0
             slurm_job = slurm_job_to_requeue(trainer, signum) if trainer is not None else None
             raise Preempted(signum, step, None, self.requeue, slurm_job)
-        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
-        if first and launcher is not None and hasattr(launcher, "kill"):
-            launcher.kill(signum)  # the ranks Lightning started in subprocesses get it too (as Lightning does)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning's _SignalConnector registered its handlers (it restores what it found at the end).
@@ -143,6 +149,13 @@ class Preemption(Callback):
         last_update = 0 < trainer.max_steps <= trainer.global_step
         if not stop:
             self._training_over = last_update
+            if last_update and self.received is not None:
+                # Noted during the reduction above, after this rank's vote (issue 25): the others, ahead, treat
+                # the signal as one after the last update (SLURM signals every rank; rank 0 passes it on), so
+                # this one stops as _note does from now on, rather than wait for them in the final work.
+                raise Preempted(
+                    self.received, trainer.global_step, None, self.requeue, slurm_job_to_requeue(trainer, self.received)
+                )
             return
         checkpoint = None if last_update else self.resume_checkpoint  # see _note: none past the last update
         if checkpoint is not None:

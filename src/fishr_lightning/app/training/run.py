@@ -44,6 +44,7 @@ from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
 from fishr_lightning.app.training.averaging import AveragedModelRecord, averaging_callbacks, stopped_early
 from fishr_lightning.app.training.config_checks import check_top_level_keys
 from fishr_lightning.app.training.console import quiet_lightning
+from fishr_lightning.app.training.distributed_batchnorm import synchronise_batchnorm
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
 from fishr_lightning.app.training.loggers import finish_loggers, instantiate_logger
@@ -266,6 +267,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         default_root_dir=str(run_dir),
     )
     check_batch_divides(hparams["batch_size"], trainer.world_size)
+    synchronise_batchnorm(trainer, module.featurizer, cfg.trainer.get("sync_batchnorm"))  # issue 25
     if trainer.accumulate_grad_batches != 1:
         raise AppError(
             f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported: DomainBed's step "

@@ -8,9 +8,11 @@ that says what to do, never mix two runs' records.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from lightning.fabric.plugins.environments import (
+    LightningEnvironment,
+    LSFEnvironment,
+    MPIEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, read_records
+
+try:
+    import fcntl
+except ImportError:  # Windows: filelock's native lock instead
+    fcntl = None
 
 LOCK_FILE = ".lock"
 LOCK_OWNER_FILE = ".lock.owner"  # who holds the lock, for the refusal message (the lock file itself is truncated)
@@ -36,36 +50,117 @@ ARGS_THAT_DO_NOT_CHANGE_RESULTS = frozenset(
 )
 
 
-def process_rank() -> int:
-    """This process's global rank as the launchers set it before Lightning starts (0 when alone).
+# The cluster environments Lightning's accelerator connector detects, in its order
+# (_AcceleratorConnector._choose_and_init_cluster_environment); none detected: LightningEnvironment.
+CLUSTER_ENVIRONMENTS = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment)
+
+
+def is_global_zero() -> bool:
+    """Whether this process will be the run's global rank 0, from the cluster environment Lightning
+    will choose, before Lightning starts (alone: ``True``).
 
     Only rank 0 takes the lock: Lightning's DDP re-launches the same command for ranks > 0, into the
-    same run directory."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(name)
-        if value is not None and value.isdigit():
-            return int(value)
-    return 0
+    same run directory. Where Lightning launches those processes itself (``LightningEnvironment``: no
+    cluster launcher, or an interactive ``srun`` whose job name is ``bash`` or ``interactive``), rank 0 is
+    the process with ``LOCAL_RANK`` and ``NODE_RANK`` 0, whatever ``SLURM_PROCID`` its shell inherited
+    (issue 25: every child took rank 0 from it and all but one exited 2 on the lock)."""
+    for environment in CLUSTER_ENVIRONMENTS:
+        if environment.detect():
+            return environment().global_rank() == 0
+    lightning = LightningEnvironment()
+    return lightning.node_rank() == 0 and lightning.local_rank() == 0
+
+
+# flock's errors where the file system does not implement it: ENOSYS (Lustre mounted without flock or
+# localflock), ENOLCK (NFS without its lock daemon), EOPNOTSUPP/ENOTSUP, EINVAL (some FUSE file systems).
+FLOCK_MISSING_ERRNOS = frozenset(
+    {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EINVAL}
+)
+FLOCK_CONTENTION_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+MOUNTS_FILE = Path("/proc/self/mounts")
+
+
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """``(mount point, file system type, mount options)`` of the mount that holds ``path`` (Linux's
+    ``/proc/self/mounts``; ``("?", "unknown", "")`` where that cannot be read)."""
+    try:
+        lines = MOUNTS_FILE.read_text().splitlines()
+    except OSError:
+        return "?", "unknown", ""
+    resolved = str(path.resolve())
+    best, best_length = ("?", "unknown", ""), -1
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        mount_point = fields[1].replace("\\040", " ")  # /proc/mounts escapes spaces
+        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= best_length:  # the innermost mount; the last one mounted over it
+            best, best_length = (mount_point, fields[2], fields[3]), len(mount_point)
+    return best
+
+
+def flock_missing_error(run_dir: Path, error: OSError) -> AppError:
+    mount_point, file_system, options = mount_of(run_dir)
+    return AppError(
+        f"The run directory {run_dir} is on a {file_system} file system (mounted at {mount_point} with options "
+        f"{options or '?'}) whose file locks do not work here: flock on {run_dir / LOCK_FILE} failed with "
+        f"{errno.errorcode.get(error.errno, error.errno)} ({error.strerror}). The app locks each run directory "
+        "so that one process at a time runs in it, and needs flock for that: mount the file system with the "
+        "flock option (Lustre: -o flock, cluster-wide; NFS: with its lock service, not nolock), or put the runs "
+        "on a file system that has it (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep)."
+    )
 
 
 @contextmanager
 def run_directory_lock(run_dir: Path) -> Iterator[None]:
-    """Holds ``run_dir/.lock`` for the block (an OS file lock: released when the process dies, so a
-    crashed or killed run never blocks its requeue); a second process gets an ``AppError``."""
-    if process_rank() != 0:
+    """Holds ``run_dir/.lock`` for the block (an OS file lock, ``flock``: released when the process dies,
+    so a crashed or killed run never blocks its requeue); a second process gets an ``AppError``, and so
+    does a file system without ``flock`` (issue 25: filelock's traceback). On a Lustre mount with
+    ``localflock`` the lock holds on this node only: a warning says so."""
+    if not is_global_zero():
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK_FILE, timeout=0)
+    if fcntl is None:  # no flock (Windows): filelock's native lock
+        with _filelock(run_dir):
+            yield
+        return
+    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        lock.acquire()
-    except Timeout:
-        owner = (run_dir / LOCK_OWNER_FILE).read_text().strip() if (run_dir / LOCK_OWNER_FILE).exists() else ""
-        raise AppError(
-            f"Another process is running in {run_dir}{f' ({owner})' if owner else ''}: one run directory holds "
-            "one run at a time. Wait for it to end, or give this run another directory (hydra.run.dir=... for a "
-            "single run, hydra.sweep.dir=... for a sweep). A process that died leaves no lock behind."
-        ) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in FLOCK_CONTENTION_ERRNOS:
+                raise another_process_error(run_dir) from None
+            if error.errno in FLOCK_MISSING_ERRNOS:
+                raise flock_missing_error(run_dir, error) from None
+            raise
+        _, file_system, options = mount_of(run_dir)
+        if "localflock" in options.split(","):
+            print(
+                f"warning: {run_dir} is on a {file_system} mount with localflock: the run directory's lock keeps "
+                "out a second process on this node only (mount with flock for a cluster-wide lock).",
+                file=sys.stderr,
+                flush=True,
+            )
+        with _lock_owner(run_dir):
+            yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def another_process_error(run_dir: Path) -> AppError:
+    owner = (run_dir / LOCK_OWNER_FILE).read_text().strip() if (run_dir / LOCK_OWNER_FILE).exists() else ""
+    return AppError(
+        f"Another process is running in {run_dir}{f' ({owner})' if owner else ''}: one run directory holds "
+        "one run at a time. Wait for it to end, or give this run another directory (hydra.run.dir=... for a "
+        "single run, hydra.sweep.dir=... for a sweep). A process that died leaves no lock behind."
+    )
+
+
+@contextmanager
+def _lock_owner(run_dir: Path) -> Iterator[None]:
     try:
         (run_dir / LOCK_OWNER_FILE).write_text(
             f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -73,6 +168,19 @@ def run_directory_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         (run_dir / LOCK_OWNER_FILE).unlink(missing_ok=True)
+
+
+@contextmanager
+def _filelock(run_dir: Path) -> Iterator[None]:
+    lock = FileLock(run_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise another_process_error(run_dir) from None
+    try:
+        with _lock_owner(run_dir):
+            yield
+    finally:
         lock.release()
 
 
