@@ -447,7 +447,7 @@ def test_runs_of_two_backbones_are_not_pooled_into_one_cell(tmp_path, capsys):
 
 
 def test_every_recorded_argument_is_keyed_unless_it_does_not_change_results():
-    from fishr_lightning.app.training.run_directory import ARGS_THAT_DO_NOT_CHANGE_RESULTS
+    from fishr_lightning.app.reporting.records import ARGS_THAT_DO_NOT_CHANGE_RESULTS
 
     accuracies = ((0.5, 0.5),) * 3
     plain = app_record("ERM", 0, 100, accuracies, "resnet50", data_pipeline="fast")

@@ -22,7 +22,9 @@ from collections.abc import Callable
 
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from fishr_lightning.app.training.preemption import PREEMPTION_SIGNALS
+# The signals a cluster sends before it stops a job (SLURM's --signal, submitit's, Lightning's requeue
+# signal): the training process acts on them (app.training.preemption), its loader workers ignore them.
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
 class PreemptionSignalsIgnored:

@@ -18,7 +18,7 @@ more arguments that change an experiment (``backbone``, ``steps``, ``eval_augmen
 differ in any of them are never pooled (issue 25): each setting is a row of its own, named after the
 arguments in which the dataset's runs of one algorithm differ (``ERM [backbone=resnet50]``). Every
 recorded argument counts, except DomainBed's grouping keys and the options the app itself treats as not
-changing results (``run_directory.ARGS_THAT_DO_NOT_CHANGE_RESULTS``), so an argument added later is keyed
+changing results (``records.ARGS_THAT_DO_NOT_CHANGE_RESULTS``), so an argument added later is keyed
 by default.
 """
 
@@ -45,9 +45,15 @@ from fishr_lightning.app.reporting.model_selection import (
     selected_accuracies,
     selected_hparams,
 )
-from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, Sweep, SweepError, load_sweep
+from fishr_lightning.app.reporting.records import (
+    ARGS_THAT_DO_NOT_CHANGE_RESULTS,
+    DONE_FILE,
+    RESULTS_FILE,
+    Sweep,
+    SweepError,
+    load_sweep,
+)
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
-from fishr_lightning.app.training.run_directory import ARGS_THAT_DO_NOT_CHANGE_RESULTS
 
 # DomainBed's datasets.DATASETS order for tables; other datasets follow alphabetically.
 DATASET_ORDER = [

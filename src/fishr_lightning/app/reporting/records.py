@@ -10,6 +10,14 @@ from pathlib import Path
 
 from fishr_lightning.app.reporting.model_selection import Record, environment_count
 
+# Recorded ``args`` that do not change a run's results (the finished-run check skips them, fishr-collect keys its
+# cells on every other): a run re-launched with other values of these
+# (another data_dir mount, more processes, another save_model) is the same run.
+# skipped_images is known only once the data is read: check_same_images compares it before a resume.
+ARGS_THAT_DO_NOT_CHANGE_RESULTS = frozenset(
+    {"output_dir", "data_dir", "ckpt_path", "save_model", "world_size", "skipped_images"}
+)
+
 RESULTS_FILE = "results.jsonl"
 # The averaged model's record (averaging=swad|ema), beside DomainBed's: DomainBed's collect_results.py
 # reads results.jsonl only, fishr-collect reads both (the averaged runs are rows of their own).

@@ -15,8 +15,6 @@ statistics (the default), which needs nothing.
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
 from fishr_lightning.app import AppError
@@ -31,20 +29,25 @@ def training_batchnorms(featurizer: nn.Module) -> list[str]:
     ]
 
 
-def sync_batchnorm_devices() -> tuple[str, ...]:
-    """The devices ``torch.nn.SyncBatchNorm`` synchronises on (its forward refuses the others)."""
-    return ("cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name())
+# The devices torch.nn.SyncBatchNorm synchronises on (its forward refuses CPU tensors).
+SYNC_BATCHNORM_DEVICES = ("cuda", "xpu", "hpu")
 
 
-def synchronise_batchnorm(trainer: pl.Trainer, featurizer: nn.Module, requested: bool | None) -> None:
-    """Turns Lightning's ``sync_batchnorm`` on when several processes train a featurizer with a BatchNorm in
-    training mode (``requested``: ``trainer.sync_batchnorm``; ``None``, the default, or ``True``: on; an
-    explicit ``False`` is left off); an ``AppError`` where those processes do not run on GPUs."""
+def sync_batchnorm_choice(featurizer: nn.Module, requested: bool | None) -> bool:
+    """``Trainer(sync_batchnorm=...)``: ``requested`` (``trainer.sync_batchnorm``) where the config sets it,
+    else on when a BatchNorm of the featurizer trains. One process ignores it (Lightning applies it to
+    parallel strategies only)."""
+    return bool(training_batchnorms(featurizer)) if requested is None else bool(requested)
+
+
+def check_distributed_batchnorm(trainer: pl.Trainer, featurizer: nn.Module) -> None:
+    """An ``AppError`` where several processes would train a featurizer's BatchNorm on devices that
+    ``SyncBatchNorm`` cannot synchronise (the CPU): each process would normalise over its own share."""
     layers = training_batchnorms(featurizer)
     if trainer.world_size <= 1 or not layers:
         return
     device = trainer.strategy.root_device.type
-    if device not in sync_batchnorm_devices():
+    if device not in SYNC_BATCHNORM_DEVICES:
         raise AppError(
             f"The backbone's BatchNorm layers ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}) "
             f"normalise with batch statistics, and {trainer.world_size} processes on {device} would each "
@@ -53,12 +56,3 @@ def synchronise_batchnorm(trainer: pl.Trainer, featurizer: nn.Module, requested:
             "(backbone.freeze_batchnorm=true, DomainBed's ResNets; timm: backbone.freeze_bn=true), train in one "
             "process (trainer=cpu), or use trainer=ddp on GPUs."
         )
-    if requested is False:
-        return  # trainer.sync_batchnorm=false: each process normalises over its share, as asked
-    if not hasattr(trainer.strategy, "_layer_sync"):
-        raise AppError(
-            f"trainer.strategy={type(trainer.strategy).__name__} cannot synchronise the backbone's BatchNorm "
-            "statistics over its processes: use strategy=ddp, or freeze them (backbone.freeze_batchnorm=true)."
-        )
-    # What Trainer(sync_batchnorm=True) sets; DDP converts the layers to SyncBatchNorm when the fit starts.
-    trainer.strategy._layer_sync = TorchSyncBatchNorm()

@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 
-PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+from fishr_lightning.app.data.loader_workers import PREEMPTION_SIGNALS
 
 
 class Preempted(BaseException):

@@ -44,7 +44,7 @@ from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
 from fishr_lightning.app.training.averaging import AveragedModelRecord, averaging_callbacks, stopped_early
 from fishr_lightning.app.training.config_checks import check_top_level_keys
 from fishr_lightning.app.training.console import quiet_lightning
-from fishr_lightning.app.training.distributed_batchnorm import synchronise_batchnorm
+from fishr_lightning.app.training.distributed_batchnorm import check_distributed_batchnorm, sync_batchnorm_choice
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
 from fishr_lightning.app.training.loggers import finish_loggers, instantiate_logger
@@ -265,9 +265,11 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         callbacks=callbacks,
         logger=instantiate_logger(cfg.logger, run_dir),
         default_root_dir=str(run_dir),
+        # Under DDP a training BatchNorm normalises over every process's share, as one process (issue 25).
+        sync_batchnorm=sync_batchnorm_choice(module.featurizer, cfg.trainer.get("sync_batchnorm")),
     )
     check_batch_divides(hparams["batch_size"], trainer.world_size)
-    synchronise_batchnorm(trainer, module.featurizer, cfg.trainer.get("sync_batchnorm"))  # issue 25
+    check_distributed_batchnorm(trainer, module.featurizer)
     if trainer.accumulate_grad_batches != 1:
         raise AppError(
             f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported: DomainBed's step "

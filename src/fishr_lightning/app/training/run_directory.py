@@ -29,7 +29,7 @@ from lightning.fabric.plugins.environments import (
 )
 
 from fishr_lightning.app import AppError
-from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, read_records
+from fishr_lightning.app.reporting.records import ARGS_THAT_DO_NOT_CHANGE_RESULTS, DONE_FILE, RESULTS_FILE, read_records
 
 try:
     import fcntl
@@ -41,14 +41,6 @@ LOCK_OWNER_FILE = ".lock.owner"  # who holds the lock, for the refusal message (
 RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 CKPT_PATH_CHOICES = ("auto", "last", None)  # or a checkpoint file
 FINISHED = "finished"  # resume_decision's answer for a finished run of the same settings
-
-# Recorded ``args`` that do not change a run's results: a run re-launched with other values of these
-# (another data_dir mount, more processes, another save_model) is the same run.
-# skipped_images is known only once the data is read: check_same_images compares it before a resume.
-ARGS_THAT_DO_NOT_CHANGE_RESULTS = frozenset(
-    {"output_dir", "data_dir", "ckpt_path", "save_model", "world_size", "skipped_images"}
-)
-
 
 # The cluster environments Lightning's accelerator connector detects, in its order
 # (_AcceleratorConnector._choose_and_init_cluster_environment); none detected: LightningEnvironment.
