@@ -62,7 +62,7 @@ def warmup_message(
         None,
     )
     option = f"hparams.{key}" if key else f"{type(callback).__name__}'s {callback.warmup_option}"
-    owner = f"{algorithm}'s {'warm-up' if schedule.weight_before == 0 else 'anneal step'}"
+    what = "warm-up" if schedule.weight_before == 0 else "anneal step"
     records = record_steps(steps, checkpoint_freq)
     shown = ", ".join(map(str, records)) if len(records) <= 4 else f"{records[0]}, {records[1]}, ..., {records[-1]}"
     if warmup > last:
@@ -71,7 +71,7 @@ def warmup_message(
         when = f"until the last step: only the last record (step {last}) follows a single step with it"
     lower = f"+hparams.{key}=N" if key else f"a {callback.warmup_option}"
     return (
-        f"{owner}, {option}={warmup}, is at or past the run's last step (steps={steps}: steps 0 to {last}): "
+        f"{algorithm}'s {what}, {option}={warmup}, is at or past the run's last step (steps={steps}: steps 0 to {last}): "
         f"{callback.name}/weight stays {schedule.weight_before:g} instead of {schedule.penalty_weight:g} {when}. "
-        f"Train longer (steps={warmup + 2} or more) or lower the warm-up ({lower} below {last})."
+        f"Train longer (steps={warmup + 2} or more) or lower the {what} ({lower} below {last})."
     )
