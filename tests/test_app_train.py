@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from fishr_lightning.app import AppError
 from fishr_lightning.app.training.backbones import ResNetFeaturizer
 from fishr_lightning.app.training.run import load_model, main
+from fishr_lightning.schedule import PenaltyScheduleWarning
 
 FAST = ["trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv"]
 SMALL_SYNTHETIC = ["dataset.samples_per_domain=200", "batch_size=8"]
@@ -266,7 +268,18 @@ def test_eval_augmentation_changes_only_the_training_domains_accuracies(monkeypa
 
 def test_a_finished_run_is_skipped(monkeypatch, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "checkpoint_freq=2") == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "checkpoint_freq=2") == 0
+    # Fishr's warm-up on Synthetic (300) is past steps=2: said once, in the app's terms (issue 30), not also by
+    # the callback in the Trainer's.
+    (warmup,) = [str(w.message) for w in caught if issubclass(w.category, PenaltyScheduleWarning)]
+    assert warmup == (
+        "Fishr's warm-up, hparams.penalty_anneal_iters=300, is at or past the run's last step (steps=2: steps 0 to "
+        "1): fishr/weight stays 0 instead of 1000 throughout, and none of the records (steps 0, 1) follows a step "
+        "with the penalty at its weight. Train longer (steps=302 or more) or lower the warm-up "
+        "(+hparams.penalty_anneal_iters=N below 1)."
+    )
     before = (run_dir / "results.jsonl").read_text()
     capsys.readouterr()
     assert run_app(monkeypatch, run_dir, *SMALL_SYNTHETIC, "steps=2", "checkpoint_freq=2") == 0
@@ -360,7 +373,7 @@ def test_out_of_range_options_exit_with_one_line_and_no_run(monkeypatch, tmp_pat
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 
-def test_unreachable_pretrained_weights_name_the_two_ways_out(monkeypatch):
+def test_unreachable_pretrained_weights_name_the_two_ways_out(monkeypatch, tmp_path, capsys):
     def no_network(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
@@ -368,6 +381,11 @@ def test_unreachable_pretrained_weights_name_the_two_ways_out(monkeypatch):
     with pytest.raises(AppError) as error:
         ResNetFeaturizer((3, 32, 32), depth=18, pretrained=True)
     assert "backbone.pretrained=false" in str(error.value) and "backbone.weights_path=" in str(error.value)
+    # Through the app, Hydra's instantiate wraps it (`Error in call to target ...: AppError(...)`): it ends
+    # as every other error does, one `error:` line (issue 30).
+    assert run_app(monkeypatch, tmp_path / "run", *SMALL_SYNTHETIC, "backbone=resnet18") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {error.value}") and len(err.strip().splitlines()) == 1, err
 
 
 def test_local_weights_are_loaded_and_batchnorm_stays_frozen(tmp_path):

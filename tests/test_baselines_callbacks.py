@@ -5,6 +5,7 @@ V-REx's annealing step, give the same weights (float64) and log DomainBed's retu
 from __future__ import annotations
 
 import copy
+import warnings
 
 import baselines_reference as ref
 import lightning.pytorch as pl
@@ -24,6 +25,8 @@ from fishr_lightning.baselines import (
     SDCallback,
     VRExCallback,
 )
+from fishr_lightning.head_penalty import fit_steps
+from fishr_lightning.schedule import PenaltyScheduleWarning
 
 E, B, STEPS, LR, ANNEAL = 3, 8, 5, 0.02, 2
 
@@ -356,3 +359,33 @@ def test_one_logit_bce_heads_are_refused_with_a_clear_message(callback_class):
         r"logits of shape \(24, 1\).*A one-logit BCE head is not supported",
     ):
         fit(BinaryHead(), [callback_class(num_domains=E)], dataset(steps=1), max_steps=1)
+
+
+def warmup_warnings(callbacks, **limits):
+    data = dataset()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(DomainClassifier(), callbacks, data, DataLoader(data, batch_size=E * B), **limits)
+    return [str(w.message) for w in record if issubclass(w.category, PenaltyScheduleWarning)]
+
+
+def test_a_warmup_at_or_past_the_last_step_warns_once_per_callback():
+    # Issue 30: FishrCallback(warmup_steps=1500) in a 96-step fit logged fishr/weight 0.0 throughout, no word.
+    # A fit of one epoch of STEPS batches (its length from the epochs' batches): two warm-ups past its end.
+    fishr, irm = FishrCallback(warmup_steps=9, penalty_weight=1000.0), IRMCallback(irm_penalty_anneal_iters=5)
+    messages = warmup_warnings([fishr, irm], max_steps=-1, max_epochs=1)
+    run = "is at or past the last optimizer step of this run (5 steps: 0 to 4)"
+    assert len(messages) == 2
+    assert messages[0].startswith(f"FishrCallback's warmup_steps=9 {run}, so the penalty never gets its weight")
+    assert (
+        "fishr/weight stays 0 throughout instead of 1000. Lower warmup_steps below 4, or train for more "
+        in (messages[0])
+    )
+    assert messages[1].startswith(f"IRMCallback's irm_penalty_anneal_iters=5 {run}")
+    assert "irm/weight stays 1 throughout instead of 100." in messages[1]
+
+    # max_steps=5 (the app's way): V-REx's anneal at the last step warns, IRM's before it does not.
+    messages = warmup_warnings([VRExCallback(vrex_penalty_anneal_iters=4), IRMCallback(irm_penalty_anneal_iters=3)])
+    assert len(messages) == 1 and messages[0].startswith(f"VRExCallback's vrex_penalty_anneal_iters=4 {run}")
+    assert "vrex/weight stays 1 until that last step (4) instead of 10" in messages[0]
+    assert fit_steps(pl.Trainer(max_epochs=-1, logger=False)) is None  # no step limit: nothing to compare with

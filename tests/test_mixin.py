@@ -1,5 +1,7 @@
 """FishrMixin: bias-free heads and the optimizer reset when global_step advances by more than one."""
 
+import warnings
+
 import fishr_reference as ref
 import pytest
 import torch
@@ -8,6 +10,7 @@ from test_callback import DomainClassifier, E, assert_same_weights, batches, dom
 from torch import nn
 
 from fishr_lightning import FishrInputError, FishrMixin
+from fishr_lightning.schedule import PenaltyScheduleWarning
 
 
 class BiasFreeMixin(FishrMixin, DomainClassifier):
@@ -151,3 +154,17 @@ def test_a_setup_that_does_not_call_super_is_refused():
 
     with pytest.raises(FishrInputError, match=r"overrides setup\(\) without calling super\(\).setup\(stage\)"):
         trainer(max_steps=1).fit(OwnSetup(**MIXIN_OPTIONS), batches(domain_data()))
+
+
+def test_a_warmup_past_the_fit_warns_once_per_fit():
+    """Issue 30, as FishrCallback: warmup_steps=2 in a 2-step fit never switches the penalty on."""
+    from test_callback import MixinClassifier
+
+    model = MixinClassifier("adam", 0.01, **MIXIN_OPTIONS)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(max_steps=2).fit(model, batches(domain_data()))
+    messages = [str(w.message) for w in record if issubclass(w.category, PenaltyScheduleWarning)]
+    assert len(messages) == 1 and messages[0].startswith(
+        "configure_fishr's warmup_steps=2 is at or past the last optimizer step of this run (2 steps: 0 to 1)"
+    )

@@ -208,10 +208,15 @@ def test_without_early_stop_training_goes_on_and_the_valley_stays_closed():
 def test_a_valley_that_never_opens_keeps_the_last_segment_and_says_so():
     losses, _, _, (segments, _, _) = TRACES["never opens: the last segment alone"]
     callback = SWADCallback(monitor="val_loss")
-    with pytest.warns(UserWarning, match="never opened in 5 evaluations"):
-        fit(module := ScriptedValley(losses), EVERY * len(losses), [callback])
+    with pytest.warns(UserWarning, match="SWAD's loss valley of 'val_loss' never opened in 5 evaluations"):
+        trainer = fit(module := ScriptedValley(losses), EVERY * len(losses), [callback])
     assert_weights(module, hand_swad(losses, EVERY * len(losses), segments))
     assert callback.summary.status.startswith("valley never opened")
+    # Fed by its caller (monitor=None, the app's way), it names no metric: not "of None" (issue 30).
+    callback.monitor = None
+    with pytest.warns(UserWarning) as record:
+        callback.on_train_end(trainer, module)
+    assert str(record[0].message).startswith("SWAD's loss valley never opened in 5 evaluations: the model keeps")
 
 
 def test_a_run_resumed_mid_valley_ends_on_the_uninterrupted_weights(tmp_path):

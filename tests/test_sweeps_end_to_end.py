@@ -56,9 +56,31 @@ def oracle_cell_by_hand(sweep_dir: Path, algorithm: str) -> str:
     return f"{100 * mean:.1f} ± {100 * standard_error:.1f}"
 
 
+# Lines a run of the tiny sweep may print (issue 30; 31.6 before it): Hydra's job line, the first and last lines
+# naming the run directory, DomainBed's table (a header and 3 records), the progress line, the test-domain
+# accuracy, the sweep's fishr-collect command, and a warning for a Fishr run whose warm-up outlasts steps=4.
+LINES_PER_RUN = 11
+# Said once per sweep: Hydra's "Launching 8 jobs", Lightning's device lines (2) and model summary (14 lines).
+LINES_PER_SWEEP = 17
+
+
+def assert_quiet_sweep_output(completed: subprocess.CompletedProcess, sweep_dir: Path) -> None:
+    """Issue 30: one line per finished run plus its table; what every run would repeat, said once or never."""
+    lines = (completed.stdout + completed.stderr).splitlines()
+    assert len(lines) <= LINES_PER_RUN * len(RUN_NAMES) + LINES_PER_SWEEP, "\n".join(lines)
+    for run_name in RUN_NAMES:  # each run's closing lines: the sweep's fishr-collect command, then its directory
+        last = lines.index(f"fishr-train: run directory {sweep_dir / run_name} (finished)")
+        assert lines[last - 1] == f"The sweep's tables, once all its runs have finished: fishr-collect {sweep_dir}"
+    assert "+sweep=tiny, then fishr-collect sweeps/tiny" not in completed.stdout  # the single run's hint
+    assert completed.stderr.count("GPU available:") == 1 and completed.stderr.count("Total params") == 1
+    assert "reached." not in completed.stderr and "mem_gb" not in completed.stdout  # no CUDA: not measured
+    warnings = [line for line in lines if "warning" in line.lower()]
+    assert len(warnings) == 4 and all(line.startswith("warning: Fishr's warm-up, hparams.") for line in warnings)
+
+
 def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
     sweep_dir = tmp_path / "sweeps" / "tiny"
-    launch_tiny_sweep(sweep_dir)
+    assert_quiet_sweep_output(launch_tiny_sweep(sweep_dir), sweep_dir)
 
     # Deterministic run directories, named by each run's overrides, every one finished.
     run_dirs = sorted(path for path in sweep_dir.iterdir() if path.is_dir())

@@ -14,14 +14,21 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from fishr_lightning import heads
 from fishr_lightning.functional import FishrInputError
 from fishr_lightning.heads import TargetsAndDomains
-from fishr_lightning.schedule import FishrSchedule
+from fishr_lightning.schedule import (
+    FishrSchedule,
+    PenaltyScheduleWarning,
+    warmup_outlasts_run,
+    warmup_outlasts_run_message,
+)
 
 
 class _Absent:
@@ -32,6 +39,17 @@ class _Absent:
 
 
 _ABSENT = _Absent()
+
+
+def fit_steps(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps this fit will run (``max_steps``, or the epochs' batches), ``None`` without a
+    limit. Read once the training dataloader is loaded (``on_train_start``), so nothing is loaded early."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except MisconfigurationException:  # accumulation that changes between epochs: max_steps alone
+        steps = trainer.max_steps
+    return None if steps is None or steps == float("inf") or steps < 0 else int(steps)
+
 
 # The entry of a dict-returning ``training_step``'s output that holds the loss DomainBed's ``update()``
 # returns as ``loss`` (issue 25), where it differs from the objective that is back-propagated: CORAL, MMD
@@ -132,10 +150,11 @@ class HeadPenaltyCallback(Callback):
       DomainBed, that divides the sum by ``weight`` once ``weight > 1``). Override it for a penalty
       that is not added, e.g. GroupDRO (whose robust loss replaces the module's).
 
-    A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_batch_start``,
-    ``teardown``, ``on_exception``) calls ``super()``. The base does nothing across processes: under
-    DDP a subclass reduces its own statistics in ``compute_penalty`` (``FishrCallback`` all-reduces
-    its per-domain moments, set up in ``configure_penalty``) or says at fit start that it cannot.
+    A subclass that overrides a Lightning hook (``setup``, ``on_fit_start``, ``on_train_start``,
+    ``on_train_batch_start``, ``teardown``, ``on_exception``) calls ``super()``. The base does nothing
+    across processes: under DDP a subclass reduces its own statistics in ``compute_penalty``
+    (``FishrCallback`` all-reduces its per-domain moments, set up in ``configure_penalty``) or says at
+    fit start that it cannot.
 
     **What the base guarantees**, the same for every penalty:
 
@@ -164,6 +183,10 @@ class HeadPenaltyCallback(Callback):
       module is left as it was found. During the fit, ``training_step`` is an instance attribute
       that survives ``copy.deepcopy`` and ``pickle``: a copy gets the module's own ``training_step``
       and no hook (Lightning's ``WeightAveraging`` copies the module during the fit).
+    - *A warm-up longer than the fit*: when ``schedule.warmup_steps`` is at or past the fit's last
+      optimizer step (from ``max_steps``, or the epochs' batches; nothing without a limit), one
+      ``PenaltyScheduleWarning`` at ``on_train_start`` names the option (the class's
+      ``warmup_option``) and the steps (issue 30); ``warn_if_warmup_outlasts_fit = False`` silences it.
     - *Checks*: manual optimization, features cut off from a trainable backbone while λ > 0, a
       penalty without a graph while λ > 0, a head that runs more or less than once per step, an
       output without a loss: each raises
@@ -182,6 +205,10 @@ class HeadPenaltyCallback(Callback):
     # the objective) or returns the cross-entropy alone (CORAL, MMD, SD); see ``DOMAINBED_LOSS_KEY``.
     penalty_in_domainbed_loss: ClassVar[bool] = True
     manual_optimization_hint: ClassVar[str] = "Add the penalty to the loss you pass to self.manual_backward yourself."
+    # The constructor argument that sets ``schedule.warmup_steps``, named in the warm-up warning.
+    warmup_option: ClassVar[str] = "warmup_steps"
+    # The app sets it to False on a callback whose warm-up it reported in its own terms (issue 30).
+    warn_if_warmup_outlasts_fit: bool = True
 
     def __init__(
         self,
@@ -272,6 +299,15 @@ class HeadPenaltyCallback(Callback):
         self.head, self._head_module = heads.resolve_head(pl_module, self.requested_head, type(self).__name__)
         self.configure_penalty(trainer, pl_module)
         self._install(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not at on_fit_start: the training dataloader is loaded, so the fit's length costs nothing.
+        run_steps = fit_steps(trainer)
+        if self.warn_if_warmup_outlasts_fit and warmup_outlasts_run(self.schedule.warmup_steps, run_steps):
+            message = warmup_outlasts_run_message(
+                type(self).__name__, self.warmup_option, self.schedule, run_steps, f"{self.name}/weight", "max_steps"
+            )
+            rank_zero_warn(message, category=PenaltyScheduleWarning)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from fishr_lightning import distributed
 from fishr_lightning.functional import FishrInputError
+from fishr_lightning.head_penalty import fit_steps
 from fishr_lightning.options import FishrOptions
 from fishr_lightning.penalty import FishrPenalty
-from fishr_lightning.schedule import FishrSchedule
+from fishr_lightning.schedule import (
+    FishrSchedule,
+    PenaltyScheduleWarning,
+    warmup_outlasts_run,
+    warmup_outlasts_run_message,
+)
 
 
 class FishrMixin:
@@ -35,7 +42,8 @@ class FishrMixin:
     Training this way equals training the same module with ``FishrCallback``, fit after fit: each
     fit starts afresh (EMA, inferred ``num_domains``, optimizer reset) unless it resumes from a
     checkpoint, whose state it restores. The mixin defines ``setup`` (the fresh start),
-    ``on_train_batch_start`` (the optimizer reset at warm-up) and ``on_save_checkpoint`` /
+    ``on_train_batch_start`` (the optimizer reset at warm-up, and at a fit's first batch a
+    ``PenaltyScheduleWarning`` when ``warmup_steps`` is at or past the fit's last step) and ``on_save_checkpoint`` /
     ``on_load_checkpoint`` (the EMA state): call ``super()`` if you override them (a ``setup``
     that does not is refused at the first batch).
     ``configure_fishr`` takes the options of ``FishrCallback`` (``FishrOptions``); its ``head`` is
@@ -117,6 +125,7 @@ class FishrMixin:
             self.fishr.reduce_moments = distributed.distributed_reduction(world_size)
             self.fishr.reduce_max = distributed.distributed_max(world_size)
             self._fishr_set_up = True
+            self._fishr_run_checked = False
         super().setup(stage)  # type: ignore[misc]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
@@ -127,8 +136,20 @@ class FishrMixin:
                     "starts each fit afresh there (EMA, inferred num_domains, optimizer reset), and a second fit "
                     "would carry the first one's state. Call super().setup(stage) in your setup."
                 )
+            if not getattr(self, "_fishr_run_checked", True):
+                self._fishr_run_checked = True
+                self._warn_if_warmup_outlasts_fit()
             self.fishr_schedule.maybe_reset(self.trainer.global_step, self.trainer.optimizers)  # type: ignore[attr-defined]
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+    def _warn_if_warmup_outlasts_fit(self) -> None:
+        """The fit's first batch: a warning when ``warmup_steps`` is at or past its last step (issue 30)."""
+        run_steps = fit_steps(self.trainer)  # type: ignore[attr-defined]
+        if warmup_outlasts_run(self.fishr_schedule.warmup_steps, run_steps):
+            message = warmup_outlasts_run_message(
+                "configure_fishr", "warmup_steps", self.fishr_schedule, run_steps, "fishr/weight", "max_steps"
+            )
+            rank_zero_warn(message, category=PenaltyScheduleWarning)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self, "fishr"):

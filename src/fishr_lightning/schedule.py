@@ -3,6 +3,7 @@ reset when the penalty switches on (DomainBed re-creates Adam there)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,42 @@ def penalty_weight_at_step(
     if ramp_steps > 0:
         return weight_before + (penalty_weight - weight_before) * min(1.0, (step - warmup_steps + 1) / ramp_steps)
     return penalty_weight
+
+
+class PenaltyScheduleWarning(UserWarning):
+    """A warm-up (an anneal step) that the run never gets past: the penalty never reaches its weight (issue 30)."""
+
+
+def warmup_outlasts_run(warmup_steps: int, run_steps: float | None) -> bool:
+    """Whether a warm-up of ``warmup_steps`` ends at or after the last of ``run_steps`` optimizer steps
+    (steps ``0 .. run_steps - 1``): the penalty then weighs at most that last step. ``run_steps`` ``None``
+    or infinite (no step limit): ``False``."""
+    if run_steps is None or math.isinf(run_steps) or run_steps <= 0:
+        return False
+    return warmup_steps > 0 and warmup_steps >= run_steps - 1
+
+
+def warmup_outlasts_run_message(
+    owner: str, option: str, schedule: FishrSchedule, run_steps: int, weight_name: str, run_length: str
+) -> str:
+    """The warning for ``warmup_outlasts_run``: which option, the step values, and what to do.
+
+    Args:
+        owner: who has the warm-up (``"FishrCallback"``).
+        option: its argument's name (``"warmup_steps"``, ``"irm_penalty_anneal_iters"``).
+        schedule: the schedule (its warm-up, its weights before and after).
+        run_steps: the run's optimizer steps.
+        weight_name: where λ_t is logged (``"fishr/weight"``).
+        run_length: how the user sets the run's length (``"max_steps"``, ``"steps"``).
+    """
+    warmup, last = schedule.warmup_steps, run_steps - 1
+    when = "throughout" if warmup > last else f"until that last step ({last})"
+    return (
+        f"{owner}'s {option}={warmup} is at or past the last optimizer step of this run ({run_steps} steps: 0 to "
+        f"{last}), so the penalty never gets its weight: {weight_name} stays {schedule.weight_before:g} "
+        f"{when} instead of {schedule.penalty_weight:g}. Lower {option} below {last}, or train for more than "
+        f"{warmup + 1} steps ({run_length}={warmup + 2} or more)."
+    )
 
 
 def reset_optimizer_states(optimizers: Sequence[torch.optim.Optimizer]) -> None:

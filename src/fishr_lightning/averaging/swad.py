@@ -259,9 +259,11 @@ class SWADCallback(Callback):
                 self._add_to_final(segment)
             final = self._final if self._final_count else self._kept_segments[self.valley.converge_segment]
         else:
+            # monitor=None: the caller's own valley loss (the app's), with no metric name to show (issue 30).
+            valley = "SWAD's loss valley" + (f" of {self.monitor!r}" if self.monitor is not None else "")
             rank_zero_warn(
-                f"SWAD's loss valley of {self.monitor!r} never opened in {self.valley.num_segments} evaluations: the "
-                "model keeps the last segment's average (SWAD's own fallback). Train longer or evaluate more often."
+                f"{valley} never opened in {self.valley.num_segments} evaluations: the model keeps the last "
+                "segment's average (SWAD's own fallback). Train longer or evaluate more often."
             )
             final = self._kept_segments[segments[-1]]
         with torch.no_grad():

@@ -38,6 +38,7 @@ class IRMCallback(DomainPenaltyCallback):
     """
 
     name = "irm"
+    warmup_option = "irm_penalty_anneal_iters"  # named in the warning when the fit ends before it (issue 30)
     needs_class_logits = True  # DomainBed's cross-entropy: a one-logit BCE head is refused
 
     def __init__(

@@ -33,6 +33,7 @@ class VRExCallback(DomainPenaltyCallback):
     """
 
     name = "vrex"
+    warmup_option = "vrex_penalty_anneal_iters"  # named in the warning when the fit ends before it (issue 30)
     needs_class_logits = True  # DomainBed's cross-entropy: a one-logit BCE head is refused
 
     def __init__(

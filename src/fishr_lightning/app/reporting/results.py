@@ -21,6 +21,9 @@ from typing import Any
 
 from fishr_lightning.app.reporting.records import RESULTS_FILE, read_records
 
+# DomainBed's peak CUDA memory field (torch.cuda.max_memory_allocated, in GiB): 0.0 where nothing measured it.
+MEMORY_KEY = "mem_gb"
+
 
 class RecordWriter:
     """Appends records to ``run_dir/results.jsonl`` and formats DomainBed's console table.
@@ -35,7 +38,7 @@ class RecordWriter:
         self.path = Path(run_dir) / RESULTS_FILE
         self.hparams = hparams
         self.args = args
-        self._printed_header = False
+        self._columns: list[str] | None = None  # the console table's, fixed by its header
 
     def keep_records_before(self, step: int) -> list[dict[str, Any]]:
         """Drops the records of steps ``>= step`` (a resumed run trains those steps again and writes
@@ -52,13 +55,15 @@ class RecordWriter:
             )
 
     def table_rows(self, record: dict[str, Any]) -> list[str]:
-        """DomainBed's console table: a header the first time, then one row per evaluation."""
-        keys = sorted(record)
+        """DomainBed's console table: a header the first time, then one row per evaluation.
+
+        ``mem_gb`` is a column only where it was measured (a CUDA device): on a CPU the record keeps
+        DomainBed's field, 0.0 as DomainBed writes it there, but the table does not show it (issue 30)."""
         lines = []
-        if not self._printed_header:
-            lines.append("  ".join(f"{key[:12]:<12}" for key in keys))
-            self._printed_header = True
-        lines.append("  ".join(format_cell(record[key]) for key in keys))
+        if self._columns is None:
+            self._columns = [key for key in sorted(record) if key != MEMORY_KEY or record[key]]
+            lines.append("  ".join(f"{key[:12]:<12}" for key in self._columns))
+        lines.append("  ".join(format_cell(record.get(key)) for key in self._columns))
         return lines
 
 

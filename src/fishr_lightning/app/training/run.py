@@ -43,7 +43,7 @@ from fishr_lightning.app.reporting.results import RecordWriter
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
 from fishr_lightning.app.training.averaging import AveragedModelRecord, averaging_callbacks, stopped_early
 from fishr_lightning.app.training.config_checks import check_top_level_keys
-from fishr_lightning.app.training.console import quiet_lightning
+from fishr_lightning.app.training.console import app_error_of, app_warnings, quiet_lightning, sweep_directory
 from fishr_lightning.app.training.distributed_batchnorm import check_distributed_batchnorm, sync_batchnorm_choice
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
@@ -60,6 +60,7 @@ from fishr_lightning.app.training.run_directory import (
     resume_decision,
     run_directory_lock,
 )
+from fishr_lightning.app.training.warmups import warn_about_warmups
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
 SAVE_MODEL_CHOICES = ("weights", "full", "none")
@@ -183,6 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             f"{run_dir} holds a finished run ({DONE_FILE}); skipping it (its recorded args and hparams are this "
             f"command's). Delete {run_dir / DONE_FILE} to train again."
         )
+        if sweep_directory() is not None:
+            print(sweep_hint(sweep_directory()))
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[TRUNCATED_IMAGES_ENV] = str(run_dir / ".truncated_images")  # one warning per file and run
@@ -252,6 +255,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     if not progress_bar and cfg.progress.every:
         callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
     callbacks += instantiate_callbacks(cfg.callbacks)
+    warn_about_warmups(callbacks, cfg.steps, cfg.checkpoint_freq, hparams, cfg.algorithm.name, spec.name)
     callbacks.append(Preemption(run_dir / RESUME_CHECKPOINT))  # last: after the step's record
     trainer = instantiate_trainer(
         cfg.trainer,
@@ -298,7 +302,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             (run_dir / DONE_FILE).write_text("done")
             shutil.rmtree(run_dir / RESUME_CHECKPOINT.parent, ignore_errors=True)  # a finished run needs no resume
         if records:
-            print(summary(records[-1], spec.environments, test_envs, cfg.algorithm.name))
+            print(summary(records[-1], spec.environments, test_envs, cfg.algorithm.name, sweep_directory()))
         if averaged:
             accuracy = ", ".join(f"{100 * averaged[f'env{env}_in_acc']:.1f}%" for env in test_envs)
             print(
@@ -431,17 +435,30 @@ def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
         raise
 
 
-def summary(record: dict[str, Any], environments: tuple[str, ...], test_envs: list[int], algorithm: str) -> str:
-    """The per-domain table, the test-domain accuracy in words, and the baseline command."""
-    lines = [summary_table(record, environments, test_envs)]
+def summary(
+    record: dict[str, Any],
+    environments: tuple[str, ...],
+    test_envs: list[int],
+    algorithm: str,
+    sweep_dir: str | None = None,
+) -> str:
+    """The per-domain table, the test-domain accuracy in words, and the baseline command; in a sweep
+    (``sweep_dir``), the accuracy and the command that tabulates the sweep (issue 30)."""
     test = ", ".join(f"{environments[env]} {format_accuracy(record.get(f'env{env}_in_acc'))}" for env in test_envs)
-    lines.append(f"{algorithm}: test-domain accuracy {test} (the test domains' in split, as DomainBed reports).")
+    accuracy = f"{algorithm}: test-domain accuracy {test} (the test domains' in split, as DomainBed reports)."
+    if sweep_dir is not None:  # the run's records table is above; fishr-collect compares the runs
+        return f"{accuracy}\n{sweep_hint(sweep_dir)}"
+    lines = [summary_table(record, environments, test_envs), accuracy]
     if algorithm != "ERM":
         lines.append(
             "Baseline: the same command with algorithm=erm; a sweep of both: python train.py -m +sweep=tiny, "
             "then fishr-collect sweeps/tiny."
         )
     return "\n".join(lines)
+
+
+def sweep_hint(sweep_dir: str) -> str:
+    return f"The sweep's tables, once all its runs have finished: fishr-collect {sweep_dir}"
 
 
 def summary_table(record: dict[str, Any], environments: tuple[str, ...], test_envs: list[int]) -> str:
@@ -476,10 +493,15 @@ def hydra_main(cfg: DictConfig) -> None:
     quiet_lightning()
     try:
         check_top_level_keys(cfg)
-        with run_directory_lock(run_dir):
+        with run_directory_lock(run_dir), app_warnings():
             outcome = "finished" if train(cfg) is not None else "skipped"
     except (AppError, FishrInputError) as error:
         print(f"error: {worker_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except InstantiationException as error:  # an app error inside a config's _target_ (a backbone's weights)
+        if app_error_of(error) is None:
+            raise
+        print(f"error: {worker_message(app_error_of(error))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Preempted as preempted:
         outcome = "preempted, not finished"
