@@ -7,20 +7,14 @@ by chance. Pure torch: it works with the Trainer, Fabric or a plain loop.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from fishr_lightning.functional import FishrInputError
-
-
-def seed_hash(*args: Any) -> int:
-    """An integer seed from any arguments, stable across runs and machines (DomainBed's ``misc.seed_hash``)."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+from fishr_lightning.seeds import seed_hash
 
 
 class DomainBatchSampler(Sampler[list[int]]):

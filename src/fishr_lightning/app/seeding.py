@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-# Defined with the public DomainBatchSampler, whose draws it seeds (issue 30); the app's seeds use it too.
-from fishr_lightning.sampling import seed_hash
+# In the core since the public DomainBatchSampler draws with it (issue 30); torch-free, as fishr-collect needs.
+from fishr_lightning.seeds import seed_hash
 
 __all__ = ["DOMAINBED_SEED", "domainbed_sweep_seed", "seed_hash"]
 
