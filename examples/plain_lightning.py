@@ -2,16 +2,20 @@
 
 Three training domains of generated data in which a spurious feature agrees with the label
 in a share of samples that differs per domain; a fourth domain, never trained on, reverses it.
-Runs on CPU in seconds:  python examples/plain_lightning.py
+Every batch holds 32 samples of each training domain, in domain order (`DomainBatchSampler`): Fishr
+compares the domains' gradient variances, so each needs samples in every batch.
+Runs on CPU in seconds:  python examples/plain_lightning.py  [--steps N]
 """
+
+import argparse
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from fishr_lightning import FishrCallback
+from fishr_lightning import DomainBatchSampler, FishrCallback
 
 
 def make_domain(domain: int, spurious_agreement: float, n: int = 512, seed: int = 0) -> TensorDataset:
@@ -52,24 +56,26 @@ class Classifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def main() -> None:
+def main(steps: int = 128) -> None:
     pl.seed_everything(0)
-    train = torch.utils.data.ConcatDataset([make_domain(e, p) for e, p in enumerate([0.95, 0.85, 0.75])])
     test = make_domain(3, 0.1)
+    # --8<-- [start:balanced]
+    domains = [make_domain(e, p) for e, p in enumerate([0.95, 0.85, 0.75])]  # items (x, y, domain)
+    sampler = DomainBatchSampler([len(d) for d in domains], batch_size=32, total_steps=steps, seed=0)
+    train_loader = DataLoader(ConcatDataset(domains), batch_sampler=sampler)  # 32 of domain 0, then 1, then 2
     trainer = pl.Trainer(
-        max_epochs=8,
+        max_steps=steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         callbacks=[FishrCallback(penalty_weight=100.0, warmup_steps=20, ema=0.9, head="classifier", num_domains=3)],
     )
-    trainer.fit(
-        Classifier(),
-        DataLoader(train, batch_size=96, shuffle=True),
-        DataLoader(test, batch_size=512),
-    )
+    trainer.fit(Classifier(), train_loader, DataLoader(test, batch_size=512))
+    # --8<-- [end:balanced]
     print("accuracy on the unseen domain:", trainer.callback_metrics["test_domain/acc"].item())
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=128, help="training steps (default 128)")
+    main(parser.parse_args().steps)

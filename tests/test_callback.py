@@ -360,7 +360,9 @@ def test_the_plain_lightning_example_runs_as_a_user_would():
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[1] / "examples" / "plain_lightning.py"
-    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(example), "--steps", "30"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(done.stdout.strip().splitlines()[-1].split(":")[-1])
     assert 0.0 <= accuracy <= 1.0

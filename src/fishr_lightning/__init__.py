@@ -5,7 +5,7 @@ Layers, each depending only on the ones before it:
 optimizer reset), ``options.FishrOptions`` (the hyperparameters, documented once), ``distributed``
 (cross-rank reduction), ``heads`` (finding the head, reading batches), all pure torch →
 ``HeadPenaltyCallback`` (what every head penalty shares), ``FishrCallback`` / ``FishrMixin``
-(Lightning) → ``app`` (the Hydra training application). ``diagnostics`` holds measurements that are
+(Lightning), ``sampling.DomainBatchSampler`` (per-domain balanced batches) → ``app`` (the Hydra training application). ``diagnostics`` holds measurements that are
 not part of the penalty.
 """
 
@@ -25,6 +25,7 @@ __all__ = [
     "reset_optimizer_states",
     "LossValley",
     "SWADCallback",
+    "DomainBatchSampler",
 ]
 
 # Imported on first use (PEP 562): `fishr-collect` and the pure-torch core need no Lightning import.
@@ -40,6 +41,7 @@ _HOMES = {
     "HeadPenaltyCallback": "fishr_lightning.head_penalty",
     "penalty_weight_at_step": "fishr_lightning.schedule",
     "reset_optimizer_states": "fishr_lightning.schedule",
+    "DomainBatchSampler": "fishr_lightning.sampling",
 }
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from fishr_lightning.mixin import FishrMixin
     from fishr_lightning.options import FishrOptions
     from fishr_lightning.penalty import FishrPenalty
+    from fishr_lightning.sampling import DomainBatchSampler
     from fishr_lightning.schedule import FishrSchedule, penalty_weight_at_step, reset_optimizer_states
 
 

@@ -211,7 +211,8 @@ def check_domain_counts(count_E: Tensor | list[float], min_samples: int = 2) -> 
             f"Training domain(s) {short} have {[counts[e] for e in short]} sample(s) in this batch "
             f"(counts per domain: {counts}); Fishr needs at least {min_samples} samples of every "
             "training domain in every batch to compare their gradient variances. Draw each batch "
-            "with samples of every domain (one loader per domain, or a per-domain balanced sampler), "
+            "with samples of every domain (one loader per domain, or the per-domain balanced sampler "
+            "fishr_lightning.DomainBatchSampler as the DataLoader's batch_sampler), "
             "or pass num_domains equal to the number of domains that really occur."
         )
 

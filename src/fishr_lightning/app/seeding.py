@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+# In the core since the public DomainBatchSampler draws with it (issue 30); torch-free, as fishr-collect needs.
+from fishr_lightning.seeds import seed_hash
 
-
-def seed_hash(*args: Any) -> int:
-    """An integer seed from any arguments, stable across runs and machines (DomainBed's ``misc.seed_hash``)."""
-    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+__all__ = ["DOMAINBED_SEED", "domainbed_sweep_seed", "seed_hash"]
 
 
 # The value of ``seed`` that asks for DomainBed's sweep seed (the ``domainbed*`` sweep presets set it).

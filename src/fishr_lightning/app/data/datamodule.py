@@ -33,6 +33,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
+from fishr_lightning import sampling
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.fast_images import FastImageTransform, MixedImages, UInt8Images, collate_images
 from fishr_lightning.app.data.loader_workers import PreemptionSignalsIgnored
@@ -94,64 +95,15 @@ class DomainSplit(Dataset):
         return x, y, torch.tensor(self.domain_id, dtype=torch.long)
 
 
-class DomainBatchSampler(Sampler[list[int]]):
-    """Batches of a ``ConcatDataset`` of the training domains: ``batch_size`` indices drawn with
-    replacement from each domain (DomainBed's ``InfiniteDataLoader``), until step ``total_steps``.
-
-    Step ``t``'s draw depends only on ``(seed, t)``, so a run resumed at step ``t`` sees the batches
-    the uninterrupted run would have seen. ``first_step`` is read when iteration starts (after
-    Lightning restored the step counter from a checkpoint). Process ``rank`` of ``world_size`` takes
-    the ``rank``-th of ``world_size`` equal slices of each domain's draw: together the processes see
-    the one-process batch.
-
-    With ``keyed``, each index comes as ``(step, slot, index)``, ``slot`` its position in the step's
-    whole batch (all processes): ``SeededSamples`` seeds each sample's augmentation with it.
-    """
+class DomainBatchSampler(sampling.DomainBatchSampler):
+    """The public ``fishr_lightning.DomainBatchSampler`` (issue 30: users' own loaders draw the app's
+    batches with it), whose batch the processes cannot share is an ``AppError``, the app's ``error:`` line."""
 
     def __init__(
-        self,
-        domain_sizes: Sequence[int],
-        batch_size: int,
-        total_steps: int,
-        seed: int,
-        first_step: Callable[[], int] = lambda: 0,
-        rank: int = 0,
-        world_size: int = 1,
-        keyed: bool = False,
+        self, domain_sizes: Sequence[int], batch_size: int, total_steps: int, seed: int, **options: Any
     ) -> None:
-        check_batch_divides(batch_size, world_size)
-        self.domain_sizes = list(domain_sizes)
-        self.domain_offsets = np.cumsum([0] + self.domain_sizes[:-1]).tolist()
-        self.batch_size = batch_size
-        self.total_steps = total_steps
-        self.seed = seed
-        self.first_step = first_step
-        self.rank = rank
-        self.world_size = world_size
-        self.keyed = keyed
-
-    def batch_at(self, step: int) -> list[int] | list[tuple[int, int, int]]:
-        generator = torch.Generator().manual_seed(seed_hash(self.seed, step))
-        share = self.batch_size // self.world_size
-        mine = slice(self.rank * share, (self.rank + 1) * share)
-        indices = [
-            (offset + torch.randint(size, (self.batch_size,), generator=generator))[mine]
-            for offset, size in zip(self.domain_offsets, self.domain_sizes)
-        ]
-        batch = torch.cat(indices).tolist()
-        if not self.keyed:
-            return batch
-        slots = [
-            domain * self.batch_size + slot for domain in range(len(indices)) for slot in range(self.batch_size)[mine]
-        ]
-        return [(step, slot, index) for slot, index in zip(slots, batch)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.first_step(), self.total_steps):
-            yield self.batch_at(step)
-
-    def __len__(self) -> int:
-        return max(self.total_steps - self.first_step(), 0)
+        check_batch_divides(batch_size, options.get("world_size", 1))
+        super().__init__(domain_sizes, batch_size, total_steps, seed, **options)
 
 
 def check_batch_divides(batch_size: int, world_size: int) -> None:
