@@ -145,3 +145,44 @@ def test_an_unknown_choice_lists_the_available_ones():
         compose_train(["dataset=imagenet"])
     message = str(error.value)
     assert "imagenet" in message and "pacs" in message and "colored_mnist" in message
+
+
+def test_hparams_search_from_the_command_line_draws_records_and_refuses():
+    """issue 26 (the paper's Table 13): +hparams_search.NAME=[kind,a,b] changes that name's draw, is recorded
+    in args (fishr-collect keys on it; a finished run with the registry's distribution is another run), and bad
+    input is an AppError."""
+    from fishr_lightning.app import AppError
+    from fishr_lightning.app.reporting.collect import experiment_arguments
+    from fishr_lightning.app.training.hparams import hparams_for
+    from fishr_lightning.app.training.run import resolve_hparams, run_args
+    from fishr_lightning.app.training.run_directory import settings_differences
+
+    table_13 = ["algorithm=fishr", "dataset=pacs", "hparams_seed=4", "+hparams_search.lambda=[log10_uniform,1,5]"]
+    cfg, registry_cfg = compose_train(table_13), compose_train(table_13[:3])
+    hparams, registry_hparams = resolve_hparams(cfg), resolve_hparams(registry_cfg)
+    assert hparams == {**registry_hparams, "lambda": hparams["lambda"]} != registry_hparams
+    # 10^(1 + 3u) becomes 10^(1 + 4u): the same uniform number u of lambda's own RandomState.
+    assert hparams["lambda"] == pytest.approx(hparams_for("Fishr", "PACS", 4, 0)["lambda"] ** (4 / 3) / 10 ** (1 / 3))
+    args, registry_args = run_args(cfg, Path("run"), [0]), run_args(registry_cfg, Path("run"), [0])
+    assert args == {**registry_args, "hparams_search": {"lambda": ["log10_uniform", 1.0, 5.0]}}
+    assert experiment_arguments({"args": args}) != experiment_arguments({"args": registry_args})
+    assert [
+        name for name, *_ in settings_differences({"args": registry_args, "hparams": registry_hparams}, args, hparams)
+    ] == ["hparams.lambda"]
+    other = compose_train([*table_13[:3], "+hparams_search.lambda=[log10_uniform,1,4.5]"])
+    assert "args.hparams_search" in [
+        n
+        for n, *_ in settings_differences(
+            {"args": args, "hparams": hparams}, run_args(other, Path("run"), [0]), resolve_hparams(other)
+        )
+    ]
+    # One sweep over ERM and Fishr changes Fishr's: the ERM runs record nothing and draw as before.
+    erm = compose_train(
+        ["algorithm=erm", "dataset=pacs", "hparams_seed=4", "+hparams_search.Fishr.lambda=[log10_uniform,1,5]"]
+    )
+    assert resolve_hparams(erm) == hparams_for("ERM", "PACS", 4, 0) | {"resnet18": False}
+    assert "hparams_search" not in run_args(erm, Path("run"), [0])
+    with pytest.raises(
+        AppError, match=r"'lambda' is not a hyperparameter of ERM on PACS.*write \+hparams_search.Fishr"
+    ):
+        resolve_hparams(compose_train(["algorithm=erm", "dataset=pacs", "+hparams_search.lambda=[log10_uniform,1,5]"]))

@@ -122,3 +122,106 @@ def test_a_comparison_draw_is_pinned():
         65030.52212762795, rel=1e-12
     )  # DomainBed's random_hparams("IRM", "PACS", seed_hash(1, 0))
     assert draw["irm_penalty_anneal_iters"] == 2
+
+
+# issue 26: the random-search distributions overridable per algorithm (the paper's Table 13).
+def _lambda_u(hparams_seed: int, trial_seed: int) -> float:
+    """The uniform number in [0, 1) that DomainBed's lambda draw maps: RandomState.uniform(a, b) is a + (b - a) u."""
+    return np.random.RandomState(seed_hash(seed_hash(hparams_seed, trial_seed), "lambda")).random_sample()
+
+
+def test_a_search_distribution_replaces_one_names_draws_and_no_other():
+    search = registry_module.search_space({"lambda": ["log10_uniform", 1, 5]}, "Fishr", "PACS")
+    samplers = {name: sampler for name, (_, sampler) in search.items()}
+    assert registry_module.recorded_search_space(search) == {"lambda": ["log10_uniform", 1.0, 5.0]}
+    for hparams_seed in range(1, 21):
+        registry_draw = hparams_for("Fishr", "PACS", hparams_seed, 0)
+        draw = hparams_for("Fishr", "PACS", hparams_seed, 0, samplers)
+        u = _lambda_u(hparams_seed, 0)
+        assert registry_draw["lambda"] == pytest.approx(10 ** (1 + 3 * u), rel=1e-12)  # DomainBed's 10^U(1,4)
+        assert draw["lambda"] == pytest.approx(10 ** (1 + 4 * u), rel=1e-12)  # the same u, on 10^U(1,5)
+        assert 1 <= np.log10(draw["lambda"]) < 5
+        assert {k: v for k, v in draw.items() if k != "lambda"} == {
+            k: v for k, v in registry_draw.items() if k != "lambda"
+        }
+    # The default is not part of the distribution (DomainBed's registry keeps them apart): hparams_seed=0 is 1000.
+    assert hparams_for("Fishr", "PACS", 0, 0, samplers) == default_hparams("Fishr", "PACS")
+
+
+def test_search_distributions_of_every_kind_draw_as_domainbeds_lambdas():
+    spec = {
+        "resnet_dropout": ["choice", 0.0, 0.2, 0.7],
+        "batch_size": ["int_log2_uniform", 3, 6],
+        "penalty_anneal_iters": ["int_uniform", 0, 100],
+        "ema": ["uniform", 0.5, 0.6],
+        "weight_decay": ["constant", 0.125],
+    }
+    samplers = {name: s for name, (_, s) in registry_module.search_space(spec, "Fishr", "VLCS").items()}
+    for hparams_seed in (1, 2, 3, 9):
+        draw = hparams_for("Fishr", "VLCS", hparams_seed, 1, samplers)
+
+        seed = seed_hash(hparams_seed, 1)
+
+        def state(name, seed=seed):
+            return np.random.RandomState(seed_hash(seed, name))
+
+        assert draw["resnet_dropout"] == [0.0, 0.2, 0.7][state("resnet_dropout").choice(3)]
+        assert draw["resnet_dropout"] == state("resnet_dropout").choice([0.0, 0.2, 0.7])  # r.choice's index
+        assert draw["batch_size"] == int(2 ** state("batch_size").uniform(3, 6))
+        assert draw["penalty_anneal_iters"] == int(state("penalty_anneal_iters").uniform(0, 100))
+        assert draw["ema"] == state("ema").uniform(0.5, 0.6)
+        assert draw["weight_decay"] == 0.125
+        assert draw["lr"] == hparams_for("Fishr", "VLCS", hparams_seed, 1)["lr"]
+
+
+def test_a_search_distribution_under_an_algorithms_name_applies_to_its_runs_only():
+    search = {"Fishr": {"lambda": ["log10_uniform", 1, 5]}, "lr": ["log10_uniform", -4, -3]}
+    assert set(registry_module.search_space(search, "Fishr", "PACS")) == {"lambda", "lr"}
+    assert set(registry_module.search_space(search, "ERM", "PACS")) == {"lr"}  # checked, not applied
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        (
+            {"lamda": ["log10_uniform", 1, 5]},
+            r"'lamda' is not a hyperparameter of Fishr on PACS; its hyperparameters "
+            r"are batch_size, class_balanced, data_augmentation, ema, lambda, lr",
+        ),
+        ({"irm_lambda": ["log10_uniform", 1, 5]}, r"It is IRM's: write \+hparams_search.IRM.irm_lambda=\[...\]"),
+        ({"IRM": {"lambda": ["log10_uniform", 1, 5]}}, r"'lambda' is not a hyperparameter of IRM on PACS"),
+        (
+            {"lambda": ["loguniform", 1, 5]},
+            r"unknown distribution kind 'loguniform'\. Write \+hparams_search.lambda="
+            r"\[KIND,a,b\] with KIND one of uniform, log10_uniform, log2_uniform, int_uniform, int_log10_uniform, "
+            r"int_log2_uniform .*\[choice,v1,v2,...\] or \+hparams_search.lambda=\[constant,v\]",
+        ),
+        ({"lambda": ["log10_uniform", 5, 1]}, r"log10_uniform\(5, 1\) needs a < b"),
+        ({"lambda": ["log10_uniform", 1]}, r"log10_uniform takes two numbers a < b, got \[1\]"),
+        ({"lambda": ["uniform", 1, "x"]}, r"uniform takes two numbers a < b"),
+        ({"lambda": ["choice"]}, r"choice takes one value or more"),
+        ({"lambda": ["constant", 1, 2]}, r"constant takes one value, got \[1, 2\]"),
+        ({"lambda": "log10_uniform(1,5)"}, r"hparams_search.lambda='log10_uniform\(1,5\)' is not a distribution"),
+        (
+            {"penalty_anneal_iters": ["uniform", 0, 10]},
+            r"penalty_anneal_iters is an integer \(default 1500\); draw "
+            r"it with int_uniform",
+        ),
+    ],
+    ids=[
+        "misspelt",
+        "another_algorithms",
+        "not_that_algorithms",
+        "kind",
+        "order",
+        "arity",
+        "not_a_number",
+        "empty_choice",
+        "constant_arity",
+        "a_string",
+        "integer",
+    ],
+)
+def test_a_bad_search_distribution_is_one_clear_error(search, message):
+    with pytest.raises(registry_module.SearchSpaceError, match=message):
+        registry_module.search_space(search, "Fishr", "PACS")

@@ -46,7 +46,14 @@ from fishr_lightning.app.training.config_checks import check_top_level_keys
 from fishr_lightning.app.training.console import app_error_of, app_warnings, quiet_lightning, sweep_directory
 from fishr_lightning.app.training.distributed_batchnorm import check_distributed_batchnorm, sync_batchnorm_choice
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
-from fishr_lightning.app.training.hparams import ALGORITHMS, hparams_for, registry
+from fishr_lightning.app.training.hparams import (
+    ALGORITHMS,
+    SearchSpaceError,
+    hparams_for,
+    recorded_search_space,
+    registry,
+    search_space,
+)
 from fishr_lightning.app.training.loggers import finish_loggers, instantiate_logger
 from fishr_lightning.app.training.module import DomainClassifier
 from fishr_lightning.app.training.preemption import Preempted, Preemption
@@ -84,7 +91,9 @@ RECORDED_ONLY_HPARAMS = {
 
 def resolve_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The registry's hyperparameters for this run, then the user's: ``batch_size`` and ``hparams.*``."""
-    hparams = hparams_for(cfg.algorithm.name, cfg.dataset.name, cfg.hparams_seed, cfg.trial_seed)
+    search = run_search_space(cfg)
+    samplers = {name: sampler for name, (_, sampler) in search.items()}
+    hparams = hparams_for(cfg.algorithm.name, cfg.dataset.name, cfg.hparams_seed, cfg.trial_seed, samplers)
     if cfg.batch_size is not None:
         hparams["batch_size"] = cfg.batch_size
     overrides = OmegaConf.to_container(cfg.hparams, resolve=True)
@@ -102,6 +111,16 @@ def resolve_hparams(cfg: DictConfig) -> dict[str, Any]:
     hparams.update(overrides)
     hparams["resnet18"] = cfg.backbone.get("depth") == 18 and "ResNet" in cfg.backbone._target_
     return hparams
+
+
+def run_search_space(cfg: DictConfig) -> dict[str, Any]:
+    """The ``hparams_search`` distributions that apply to this run's algorithm, checked (issue 26)."""
+    search = cfg.get("hparams_search") or {}
+    search = OmegaConf.to_container(search, resolve=True) if OmegaConf.is_config(search) else dict(search)
+    try:
+        return search_space(search, cfg.algorithm.name, cfg.dataset.name)
+    except SearchSpaceError as error:
+        raise AppError(str(error)) from None
 
 
 def instantiate_callbacks(nodes: DictConfig) -> list[Callback]:
@@ -151,6 +170,8 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "data_pipeline": pipeline,  # fast, domainbed, or tensors
         **({"data_decode": decode, "data_finish": finish} if pipeline == "fast" else {}),
         "precision": str(cfg.trainer.get("precision", "32-true")),  # fishr-collect keys its cells on it (issue 25)
+        # Recorded only when set, so the runs recorded before issue 26 keep their args (and their cells).
+        **({"hparams_search": recorded_search_space(search)} if (search := run_search_space(cfg)) else {}),
     }
 
 
