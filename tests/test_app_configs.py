@@ -152,7 +152,7 @@ def test_hparams_search_from_the_command_line_draws_records_and_refuses():
     in args (fishr-collect keys on it; a finished run with the registry's distribution is another run), and bad
     input is an AppError."""
     from fishr_lightning.app import AppError
-    from fishr_lightning.app.reporting.collect import experiment_arguments
+    from fishr_lightning.app.reporting.collect import differing_arguments, experiment_arguments
     from fishr_lightning.app.training.hparams import hparams_for
     from fishr_lightning.app.training.run import resolve_hparams, run_args
     from fishr_lightning.app.training.run_directory import settings_differences
@@ -166,6 +166,9 @@ def test_hparams_search_from_the_command_line_draws_records_and_refuses():
     args, registry_args = run_args(cfg, Path("run"), [0]), run_args(registry_cfg, Path("run"), [0])
     assert args == {**registry_args, "hparams_search": {"lambda": ["log10_uniform", 1.0, 5.0]}}
     assert experiment_arguments({"args": args}) != experiment_arguments({"args": registry_args})
+    # Two sweeps in one tree: hparams_search is the axis, not each run's lambda (it differs by construction).
+    records = [{"args": registry_args, "hparams": registry_hparams}, {"args": args, "hparams": hparams}]
+    assert differing_arguments(records) == {"PACS": ["hparams_search"]}
     assert [
         name for name, *_ in settings_differences({"args": registry_args, "hparams": registry_hparams}, args, hparams)
     ] == ["hparams.lambda"]
