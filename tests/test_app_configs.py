@@ -189,3 +189,22 @@ def test_hparams_search_from_the_command_line_draws_records_and_refuses():
         AppError, match=r"'lambda' is not a hyperparameter of ERM on PACS.*write \+hparams_search.Fishr"
     ):
         resolve_hparams(compose_train(["algorithm=erm", "dataset=pacs", "+hparams_search.lambda=[log10_uniform,1,5]"]))
+
+
+def test_vrex_ema_is_an_hparam_of_vrex_off_unless_given():
+    """Issue 26: +hparams.vrex_ema=0.95 (the Fishr paper's "V-REx with EMA") reaches VRExCallback and the run's
+    recorded hyperparameters; without it the registry is DomainBed's and the callback is DomainBed's V-REx."""
+    from omegaconf import open_dict
+
+    from fishr_lightning.app.training.hparams import default_hparams
+    from fishr_lightning.app.training.run import instantiate_callbacks, resolve_hparams
+
+    for overrides, ema in (([], 0.0), (["+hparams.vrex_ema=0.95"], 0.95)):
+        cfg = compose_train(["dataset=synthetic", "backbone=mlp", "algorithm=vrex", *overrides])
+        hparams = resolve_hparams(cfg)
+        assert {k: v for k, v in hparams.items() if k != "vrex_ema"} == default_hparams("VREx", "Synthetic")
+        assert hparams.get("vrex_ema") == (ema or None)
+        with open_dict(cfg):
+            cfg.hparams, cfg.num_train_domains = hparams, 2  # as run.py sets them before instantiating
+        (callback,) = instantiate_callbacks(cfg.algorithm.callbacks)
+        assert callback.ema == ema

@@ -102,7 +102,7 @@ class RecordLogged(Callback):
         self.values.append(float(trainer.callback_metrics[self.key]))
 
 
-def fit(module, callbacks, data, loader=None, **options):
+def fit(module, callbacks, data, loader=None, ckpt_path=None, **options):
     options = {"max_steps": STEPS, **options}
     options = {"precision": "64-true", **options}
     trainer = pl.Trainer(
@@ -114,7 +114,11 @@ def fit(module, callbacks, data, loader=None, **options):
         callbacks=callbacks,
         **options,
     )
-    trainer.fit(module, loader or DataLoader(data, batch_size=len(data) // options["max_steps"], shuffle=False))
+    trainer.fit(
+        module,
+        loader or DataLoader(data, batch_size=len(data) // options["max_steps"], shuffle=False),
+        ckpt_path=ckpt_path,
+    )
     return trainer
 
 
@@ -389,3 +393,90 @@ def test_a_warmup_at_or_past_the_last_step_warns_once_per_callback():
     assert len(messages) == 1 and messages[0].startswith(f"VRExCallback's vrex_penalty_anneal_iters=4 {run}")
     assert "vrex/weight stays 1 until that last step (4) instead of 10" in messages[0]
     assert fit_steps(pl.Trainer(max_epochs=-1, logger=False)) is None  # no step limit: nothing to compare with
+
+
+class VRExWithEMAReference:
+    """The Fishr paper's "V-REx with EMA" (Rame et al., ICML 2022, Tables 9-10), written from its fork of
+    DomainBed (github.com/alexrame/fishr): ``VREx.update`` with the domain risks put through Fishr's
+    ``MovingAverage(ema, oneminusema_correction=True)`` before the variance; the ERM term is this step's
+    mean risk, Adam re-created at the annealing step."""
+
+    def __init__(self, module, vrex_lambda, anneal_iters, ema):
+        self.featurizer, self.classifier = copy.deepcopy(module.featurizer), copy.deepcopy(module.classifier)
+        self.network = nn.Sequential(self.featurizer, self.classifier)
+        self.vrex_lambda, self.anneal_iters, self.ema = vrex_lambda, anneal_iters, ema
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=LR)
+        self.update_count, self.updates, self.previous = 0, 0, None
+
+    def moving_average(self, data):  # misc.MovingAverage.update, on one tensor
+        previous = torch.zeros_like(data) if self.updates == 0 else self.previous
+        ema_data = self.ema * previous + (1 - self.ema) * data
+        self.previous, self.updates = ema_data.clone().detach(), self.updates + 1
+        return ema_data / (1 - self.ema)
+
+    def update(self, minibatches):
+        weight = self.vrex_lambda if self.update_count >= self.anneal_iters else 1.0
+        all_logits = self.network(torch.cat([x for x, y in minibatches]))
+        losses, idx = torch.zeros(len(minibatches), dtype=all_logits.dtype), 0
+        for i, (x, y) in enumerate(minibatches):
+            losses[i] = F.cross_entropy(all_logits[idx : idx + x.shape[0]], y)
+            idx += x.shape[0]
+        risks = self.moving_average(losses)
+        penalty = ((risks - risks.mean()) ** 2).mean()
+        loss = losses.mean() + weight * penalty
+        if self.update_count == self.anneal_iters:
+            self.optimizer = torch.optim.Adam(self.network.parameters(), lr=LR)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.update_count += 1
+        return penalty.item()
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_vrex_with_an_ema_of_the_risks_trains_as_the_papers_ablation(ema):
+    """Issue 26: VRExCallback(ema=...) ends on the reference's weights after K steps that cross the
+    annealing step, logging its penalties; ema=0 is today's V-REx bit for bit, and ema=0.9 differs from it."""
+    data = dataset()
+    module = DomainClassifier()
+    reference = VRExWithEMAReference(module, 10.0, ANNEAL, ema)
+    penalties = [reference.update(minibatches) for minibatches in minibatches_of_each_step(data)]
+    callback = VRExCallback(10.0, ANNEAL, head="classifier", ema=ema)
+    logged = RecordLogged("vrex/penalty")
+    fit(module, [callback, logged], data)
+    assert_same_weights(module, reference)
+    assert logged.values == pytest.approx(penalties, rel=1e-9, abs=1e-12)
+    plain = DomainClassifier()
+    fit(plain, [VRExCallback(10.0, ANNEAL, head="classifier")], data)
+    same = all(torch.equal(a, b) for a, b in zip(module.parameters(), plain.parameters()))
+    assert same is (ema == 0.0)
+    assert (callback.risk_average is None) is (ema == 0.0)
+
+
+def test_vrex_with_ema_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tmp_path):
+    """The risks' moving average is saved with the checkpoint: resumed after epoch 1 of 2 (three steps each),
+    the run ends on the uninterrupted run's weights and average."""
+    data = dataset(steps=3)
+    loader = DataLoader(data, batch_size=E * B, shuffle=False)
+    uninterrupted, uninterrupted_callback = DomainClassifier(), VRExCallback(10.0, 1, ema=0.9)
+    fit(uninterrupted, [uninterrupted_callback], data, loader, max_steps=-1, max_epochs=2)
+
+    first_epoch, callback = DomainClassifier(), VRExCallback(10.0, 1, ema=0.9)
+    trainer = fit(first_epoch, [callback], data, loader, max_steps=-1, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    average = callback.risk_average.clone()
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)["callbacks"][callback.state_key]
+    torch.testing.assert_close(saved["risk_average"], average)
+
+    resumed, resumed_callback = DomainClassifier(), VRExCallback(10.0, 1, ema=0.9)
+    fit(resumed, [resumed_callback], data, loader, max_steps=-1, max_epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    for a, b in zip(resumed.parameters(), uninterrupted.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(resumed_callback.risk_average, uninterrupted_callback.risk_average, rtol=1e-12, atol=0)
+    assert not torch.allclose(resumed_callback.risk_average, average)  # the average moved on after the resume
+
+
+@pytest.mark.parametrize("ema", [1.0, -0.1, float("nan"), True, "0.9"])
+def test_vrex_ema_outside_zero_one_is_refused(ema):
+    with pytest.raises(FishrInputError, match=r"^VRExCallback: ema=.*a number in \[0, 1\): 0 \(the default\)"):
+        VRExCallback(ema=ema)

@@ -48,6 +48,7 @@ def callbacks():
     return [
         IRMCallback(10.0, 2),
         VRExCallback(10.0, 1),
+        VRExCallback(10.0, 1, ema=0.9, name="vrex_ema"),  # the EMA of the global risks (issue 26)
         CORALCallback(2.0),
         MMDCallback(2.0),
         GroupDROCallback(0.5),

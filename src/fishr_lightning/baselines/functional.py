@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fishr_lightning import functional as FF
 from fishr_lightning.functional import FishrInputError
 
 SumReduction = Callable[[Tensor], Tensor]
@@ -122,6 +123,18 @@ def domain_mean_losses(
 def vrex_penalty(domain_losses_E: Tensor) -> Tensor:
     """V-REx's risk variance: the biased variance of the domains' mean losses, ``mean_e (L_e − mean L)²``."""
     return (domain_losses_E - domain_losses_E.mean()).pow(2).mean()
+
+
+def domain_losses_ema(previous_E: Tensor | None, domain_losses_E: Tensor, ema: float) -> tuple[Tensor, Tensor]:
+    """V-REx with an EMA of the domain risks (Rame et al., ICML 2022, appendix, Tables 9-10): Fishr's own
+    moving average (its fork's ``MovingAverage(ema, oneminusema_correction=True)``, ``ema_update``) applied
+    to the ``[E]`` mean losses in place of the gradient variances.
+
+    ``m_e = ema·m_e^prev + (1-ema)·L_e`` (``m^prev = 0`` at the first update); returns the new state,
+    detached, and ``m_e / (1-ema)``, the risks the variance is taken over: the gradient flows through
+    this step's ``L_e`` only. ``ema=0`` returns ``L_e`` itself (DomainBed's V-REx).
+    """
+    return FF.ema_update(previous_E, domain_losses_E, ema)
 
 
 # -- CORAL (Sun & Saenko 2016) and MMD (Li et al. 2018); DomainBed's AbstractMMD ----------------------------------

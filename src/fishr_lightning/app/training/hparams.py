@@ -26,6 +26,11 @@ Sampler = Callable[[np.random.RandomState], Any]
 # DomainBed's names of the algorithms with registered hyperparameters.
 ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD")
 
+# The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
+# as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
+# defaults and draws stay DomainBed's. vrex_ema: "V-REx with EMA" (Tables 9-10), VRExCallback(ema=...).
+ABLATION_HPARAMS = {"vrex_ema": 0.0}
+
 
 def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     """Each hyperparameter's ``(default, random-search sampler)`` for this algorithm and dataset."""

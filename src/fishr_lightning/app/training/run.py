@@ -47,6 +47,7 @@ from fishr_lightning.app.training.console import app_error_of, app_warnings, qui
 from fishr_lightning.app.training.distributed_batchnorm import check_distributed_batchnorm, sync_batchnorm_choice
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.hparams import (
+    ABLATION_HPARAMS,
     ALGORITHMS,
     SearchSpaceError,
     hparams_for,
@@ -99,7 +100,7 @@ def resolve_hparams(cfg: DictConfig) -> dict[str, Any]:
     overrides = OmegaConf.to_container(cfg.hparams, resolve=True)
     # Any algorithm's names are accepted (one sweep may set lambda for ERM and Fishr alike, as DomainBed's
     # --hparams does); a misspelt +hparams.lamda=100 would otherwise change nothing, silently.
-    known = {name for algorithm in ALGORITHMS for name in registry(algorithm, cfg.dataset.name)}
+    known = {name for algorithm in ALGORITHMS for name in registry(algorithm, cfg.dataset.name)} | set(ABLATION_HPARAMS)
     for name, value in overrides.items():
         if name not in known:
             raise AppError(
