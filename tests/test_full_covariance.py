@@ -8,7 +8,7 @@ and each domain's covariance block, in float64.
 import pytest
 import torch
 import torch.nn.functional as F
-from test_callback import STEPS, DomainClassifier, batches, domain_data, trainer
+from test_callback import STEPS, DomainClassifier, MixinClassifier, batches, domain_data, trainer
 
 from fishr_lightning import FishrCallback, FishrInputError, FishrOptions, FishrPenalty
 from fishr_lightning import functional as FF
@@ -50,14 +50,20 @@ def reference_full_covariance_penalty(
 
 
 @pytest.mark.parametrize(
-    "centered, has_bias, param_reduction, domain_reduction",
-    [(True, True, "mean", "mean"), (False, True, "sum", "mean"), (True, False, "mean", "sum")],
+    "centered, has_bias, param_reduction, domain_reduction, D, C, route",
+    [
+        (True, True, "mean", "mean", 5, 4, "grams"),  # a head larger than the batch: N×N Grams
+        (False, True, "sum", "mean", 5, 4, "grams"),
+        (True, False, "mean", "sum", 5, 4, "grams"),
+        (True, True, "mean", "mean", 2, 2, "covariances"),  # a batch larger than the head: P_g×P_g
+    ],
 )
 def test_full_covariance_penalty_and_its_gradient_equal_the_materialised_covariances(
-    centered, has_bias, param_reduction, domain_reduction
+    centered, has_bias, param_reduction, domain_reduction, D, C, route
 ):
     torch.manual_seed(0)
-    N, D, C, E = 19, 5, 4, 3
+    N, E = 19, 3
+    assert FF.full_covariance_route(N, [C * D] + ([C] if has_bias else []), E) == route
     features = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, C, (N,))
     domains = torch.tensor([0] * 6 + [1] * 8 + [2] * 5)[torch.randperm(N)]  # unequal, interleaved
@@ -98,28 +104,48 @@ def test_full_covariance_refuses_an_ema_and_distributed_training_clearly():
         penalty(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1]))
 
 
-def test_fit_with_full_covariance_logs_and_ends_on_the_hand_written_loops_weights():
-    dataset, penalty_weight, warmup_steps, lr = domain_data(), 30.0, 2, 0.1
+def hand_written_fit(dataset, penalty_weight, warmup_steps, lr, reductions):
+    """SGD on ``loss + λ_t · P`` with the materialised reference penalty, λ_t = 0 during warm-up."""
     model = DomainClassifier(lr=lr)
-    callback = FishrCallback(penalty_weight=penalty_weight, warmup_steps=warmup_steps, ema=0.0, covariance="full")
-    fit = trainer(callbacks=[callback])
-    fit.fit(model, batches(dataset))
-    assert fit.callback_metrics["fishr/weight"].item() == penalty_weight
-    assert fit.callback_metrics["fishr/penalty"].item() > 0
-
-    by_hand = DomainClassifier(lr=lr)
-    optimizer = torch.optim.SGD(by_hand.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     for step, (x, y, domains) in enumerate(batches(dataset)):
-        features = by_hand.featurizer(x)
-        loss = F.cross_entropy(by_hand.classifier(features), y)
-        if step >= warmup_steps:
-            head = by_hand.classifier
+        features = model.featurizer(x)
+        loss = F.cross_entropy(model.classifier(features), y)
+        if step >= warmup_steps and penalty_weight > 0:
+            head = model.classifier
             loss = loss + penalty_weight * reference_full_covariance_penalty(
-                features, y, head.weight, head.bias, domains, 3
+                features, y, head.weight, head.bias, domains, 3, True, *reductions
             )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert step + 1 == STEPS
+    return model
+
+
+def test_fit_with_full_covariance_logs_and_ends_on_the_hand_written_loops_weights():
+    dataset, penalty_weight, warmup_steps, lr, reductions = domain_data(), 1000.0, 2, 0.1, ("sum", "sum")
+    options = dict(
+        penalty_weight=penalty_weight,
+        warmup_steps=warmup_steps,
+        ema=0.0,
+        covariance="full",
+        param_reduction=reductions[0],
+        domain_reduction=reductions[1],
+    )
+    model = DomainClassifier(lr=lr)
+    fit = trainer(callbacks=[FishrCallback(**options)])
+    fit.fit(model, batches(dataset))
+    assert fit.callback_metrics["fishr/weight"].item() == penalty_weight
+    assert fit.callback_metrics["fishr/penalty"].item() > 0
+
+    by_hand = hand_written_fit(dataset, penalty_weight, warmup_steps, lr, reductions)
     for got, want in zip(model.parameters(), by_hand.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with_mixin = MixinClassifier(lr=lr, **options)  # FishrMixin takes the same option
+    trainer().fit(with_mixin, batches(dataset))
+    for got, want in zip(with_mixin.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # The penalty moved the backbone: the equality above is not ERM's weights on both sides.
+    without_penalty = hand_written_fit(dataset, 0.0, warmup_steps, lr, reductions)
+    assert (model.featurizer[0].weight - without_penalty.featurizer[0].weight).abs().max() > 1e-2

@@ -313,6 +313,21 @@ def per_sample_gradient_grams(grads_NP: Tensor, group_sizes: list[int]) -> list[
     return [grads_NG @ grads_NG.T for grads_NG in grads_NP.split(group_sizes, dim=1)]
 
 
+def full_covariance_route(
+    num_samples: int, group_sizes: list[int], num_domains: int
+) -> Literal["grams", "covariances"]:
+    """Which exact form of the full-covariance penalty holds fewer numbers for this batch and head.
+
+    ``"grams"`` (``full_covariance_distance``): one ``N×N`` Gram per parameter group; ``"covariances"``
+    (``domain_gradient_covariance``): the ``[N, P]`` per-sample gradients and ``E`` covariances
+    ``P_g×P_g`` per group. DomainNet's head (``N = 160``, ``P ≈ 7·10⁵``) needs the Grams; Colored MNIST's
+    full batch (``N = 50,000``, ``P = 391``) the covariances. Both are exact, and equal.
+    """
+    grams = len(group_sizes) * num_samples * num_samples
+    covariances = num_samples * sum(group_sizes) + num_domains * sum(size * size for size in group_sizes)
+    return "grams" if grams <= covariances else "covariances"
+
+
 def full_covariance_distance(
     grams_GNN: list[Tensor],
     group_sizes: list[int],

@@ -46,7 +46,9 @@ class FishrPenalty:
             Colored MNIST variant ``fishr_offdiagonal``): ``reduce_e reduce_entries (S_e − S̄)²`` with
             ``S_e = Ĝ_eᵀĜ_e/(n_e·P_g)``. Computed exactly from ``N×N`` Gram matrices of the gradients
             (``g_iᵀg_j = (δ_iᵀδ_j)(z_iᵀz_j)``), never a ``P×P`` matrix: affordable at DomainNet's head
-            (``functional.full_covariance_distance``; timing in docs/lightning.md). It needs
+            (``functional.full_covariance_distance``; timing in docs/lightning.md). When the batch is
+            larger than the head (Colored MNIST: 50,000 samples, 391 parameters) the ``P_g×P_g``
+            covariances are the smaller objects and are formed instead (``functional.full_covariance_route``). It needs
             ``ema=0`` (an EMA of ``P×P`` matrices is not affordable, and one on the Gram factors would
             keep every past batch; the paper's ablation has no EMA) and one process (under DDP it
             would need all per-sample factors all-gathered, not implemented).
@@ -172,14 +174,23 @@ class FishrPenalty:
         features_ND, logits_NC = self._prepare(features_ND, logits_NC, targets, domains_N)
         with torch.autocast(device_type=features_ND.device.type, enabled=False):
             has_bias = head.bias is not None if head is not None else self.head_bias
+            N, C, D = features_ND.shape[0], logits_NC.shape[1], features_ND.shape[1]
+            group_sizes = [C * D] + ([C] if has_bias else [])
+            if FF.full_covariance_route(N, group_sizes, self.num_domains) == "covariances":
+                grads_NP, group_sizes = self._per_sample_gradients(features_ND, logits_NC, targets, head)
+                covariances = FF.domain_gradient_covariance(
+                    grads_NP, domains_N, self.num_domains, group_sizes, self.centered
+                )
+                statistic_EX = torch.cat([c.reshape(self.num_domains, -1) / c.shape[-1] for c in covariances], dim=1)
+                penalty = FF.gradient_variance_distance(statistic_EX, self.param_reduction, self.domain_reduction)
+                count_E = FF.domain_indicator(domains_N, self.num_domains, grads_NP.dtype).sum(dim=0)
+                return penalty, count_E, N - count_E.sum()
             if self.backend == "backpack":
                 grads_NP, group_sizes = self._per_sample_gradients(features_ND, logits_NC, targets, head)
                 grams_GNN = FF.per_sample_gradient_grams(grads_NP, group_sizes)
             else:
                 delta_NC = FF.logit_gradients(logits_NC, targets, self.loss)
                 grams_GNN = FF.head_gradient_grams(features_ND, delta_NC, bias=has_bias)
-                C, D = delta_NC.shape[1], features_ND.shape[1]
-                group_sizes = [C * D] + ([C] if has_bias else [])
             penalty, count_E = FF.full_covariance_distance(
                 grams_GNN,
                 group_sizes,
