@@ -4,7 +4,8 @@ Each configuration trains the same module (a torchvision backbone, then the `cla
 with ERM, with `FishrCallback(backend="closed_form")` and with `FishrCallback(backend="backpack")`,
 always with the penalty switched on (no warm-up), and reports the median step time over many
 synchronised steps after warm-up, the peak memory, and the ratios to ERM. A second table times the
-penalty alone (head forward, penalty, backward into the features) for the two backends.
+penalty alone (head forward, penalty, backward into the features) for the two backends, and for the
+full-covariance variant (``covariance="full"``, paper Table 6; its ``N×N`` Gram form, issue 26).
 
 Sizes (issue 6): PACS (7 classes, 2048 features, 3 domains × 32) and DomainNet (345 classes,
 2048 features, 5 domains × 32), ResNet-50 at 224² on a GPU; on CPU the default is a smaller
@@ -12,6 +13,7 @@ ResNet-18 at 64² with the same head sizes.
 
     python benchmarks/overhead.py                     # GPU if there is one, else the CPU sizes
     python benchmarks/overhead.py --device cpu --tiny --output /tmp/overhead.md   # seconds
+    python benchmarks/overhead.py --device cpu --penalty-only     # the penalty-alone table only
 """
 
 from __future__ import annotations
@@ -156,8 +158,12 @@ def measure_training(setting: Setting, mode: str, device: str, steps: int, warmu
     return {"median_ms": 1000 * statistics.median(measured), "peak_mib": peak, "steps": len(measured)}
 
 
-def measure_penalty_only(setting: Setting, backend: str, device: str, repeats: int) -> float:
-    """Median ms of head forward + penalty + backward into features and head, synchronised."""
+def measure_penalty_only(
+    setting: Setting, backend: str, device: str, repeats: int, covariance: str = "diagonal"
+) -> float:
+    """Median ms of head forward + penalty + backward into features and head, synchronised.
+
+    ``covariance="full"`` runs without the EMA, which that variant refuses (issue 26)."""
     from backpack import extend
 
     torch.manual_seed(0)
@@ -168,7 +174,8 @@ def measure_penalty_only(setting: Setting, backend: str, device: str, repeats: i
     features = torch.randn(n, setting.feature_dim, device=device, requires_grad=True)
     targets = torch.randint(0, setting.num_classes, (n,), device=device)
     domains = torch.arange(setting.num_domains, device=device).repeat_interleave(setting.per_domain)
-    penalty = FishrPenalty(num_domains=setting.num_domains, backend=backend)
+    ema = {"ema": 0.0} if covariance == "full" else {}
+    penalty = FishrPenalty(num_domains=setting.num_domains, backend=backend, covariance=covariance, **ema)
     times = []
     for i in range(repeats + 3):
         if device == "cuda":
@@ -236,8 +243,39 @@ def run_in_subprocess(setting: Setting, mode: str, args: argparse.Namespace) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def penalty_only_lines(args: argparse.Namespace, settings: list[Setting]) -> list[str]:
+    """The penalty-alone table: the diagonal (Fishr) per backend, and the full covariance's Gram form."""
+    lines = [
+        "",
+        "Penalty alone (head forward + penalty + backward), median ms:",
+        "",
+        "| setting | C × D | closed_form | backpack | backpack / closed_form | full covariance | full / closed_form |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for setting in settings:
+        closed = measure_penalty_only(setting, "closed_form", args.device, args.steps)
+        full = measure_penalty_only(setting, "closed_form", args.device, args.steps, covariance="full")
+        backpack = (
+            f"{measure_penalty_only(setting, 'backpack', args.device, args.steps):.2f}"
+            if "backpack" in args.modes
+            else "-"
+        )
+        ratio = f"{float(backpack) / closed:.1f}" if backpack != "-" else "-"
+        lines.append(
+            f"| {setting.name} | {setting.num_classes} × {setting.feature_dim} | {closed:.2f} | {backpack} | {ratio} "
+            f"| {full:.2f} | {full / closed:.2f} |"
+        )
+    return lines
+
+
 def markdown_report(args: argparse.Namespace, settings: list[Setting]) -> str:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    header = (
+        f"Device: {args.device} ({device_name}); torch {torch.__version__}, lightning {pl.__version__}; "
+        f"penalty alone: median of {args.steps} repeats."
+    )
+    if args.penalty_only:
+        return header + "\n" + "\n".join(penalty_only_lines(args, settings)) + "\n"
     lines = [
         f"Device: {args.device} ({device_name}); torch {torch.__version__}, lightning {pl.__version__}; "
         f"precision {args.precision}; median of {args.steps} steps after {args.warmup} warm-up steps.",
@@ -259,22 +297,7 @@ def markdown_report(args: argparse.Namespace, settings: list[Setting]) -> str:
                 f"| {mode} | {r['median_ms']:.1f} | {r['median_ms'] / erm['median_ms']:.3f} "
                 f"| {r['peak_mib']:.0f} | {r['peak_mib'] / erm['peak_mib']:.3f} |"
             )
-    lines += [
-        "",
-        "Penalty alone (head forward + penalty + backward), median ms:",
-        "",
-        "| setting | C × D | closed_form | backpack | backpack / closed_form |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for setting in settings:
-        closed = measure_penalty_only(setting, "closed_form", args.device, args.steps)
-        if "backpack" not in args.modes:
-            lines.append(f"| {setting.name} | {setting.num_classes} × {setting.feature_dim} | {closed:.2f} | - | - |")
-            continue
-        backpack = measure_penalty_only(setting, "backpack", args.device, args.steps)
-        lines.append(
-            f"| {setting.name} | {setting.num_classes} × {setting.feature_dim} | {closed:.2f} | {backpack:.2f} | {backpack / closed:.1f} |"
-        )
+    lines += penalty_only_lines(args, settings)
     image_size = settings[0].image_size
     lines += [
         "",
@@ -320,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         choices=MODES,
         default=MODES,
         help="the training modes to run (erm and closed_form always: the ratios need them)",
+    )
+    parser.add_argument(
+        "--penalty-only",
+        action="store_true",
+        help="only the penalty-alone table (diagonal per backend, full covariance): no training, no data pipeline",
     )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

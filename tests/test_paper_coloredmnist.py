@@ -214,7 +214,7 @@ def test_covariance_diagonal_is_the_core_variance_and_blocks_stay_per_group():
 def test_full_covariance_refuses_bad_options_clearly():
     with pytest.raises(FishrInputError, match="covariance must be"):
         FishrPenalty(covariance="offdiagonal")
-    penalty = FishrPenalty(num_domains=2, covariance="full", reduce_moments=lambda m: m)
+    penalty = FishrPenalty(num_domains=2, ema=0.0, covariance="full", reduce_moments=lambda m: m)
     with pytest.raises(FishrInputError, match="distributed"):
         penalty(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1]))
 

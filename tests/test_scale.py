@@ -92,7 +92,7 @@ def test_the_overhead_benchmark_runs_at_a_tiny_size(tmp_path):
     for setting in ("PACS-tiny", "DomainNet-tiny"):
         for mode in ("erm", "closed_form", "backpack"):
             assert f"| {setting} |" in table and f"| {mode} |" in table
-    assert "backpack / closed_form" in table
+    assert "backpack / closed_form" in table and "full / closed_form" in table  # issue 26
     assert "| 0 |" in table.split("Data pipeline")[1]  # images/s with the loader in the main process
 
 

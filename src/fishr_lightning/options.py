@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fishr_lightning.functional import FishrInputError, LossName, PerSampleLoss, Reduction
-from fishr_lightning.penalty import Backend, FishrPenalty
+from fishr_lightning.penalty import Backend, Covariance, FishrPenalty
 from fishr_lightning.schedule import FishrSchedule
 
 
@@ -43,6 +43,11 @@ class FishrOptions:
         domain_reduction: ``"mean"`` (default, DomainBed) or ``"sum"`` over domains.
         loss: per-sample loss of the gradients: ``"cross_entropy"`` (default), ``"bce_with_logits"``
             (one-logit heads) or a callable ``(logits, targets) -> [N]`` of per-sample losses.
+        covariance: ``"diagonal"`` (default, Fishr: the gradient variances) or ``"full"``: each domain's
+            whole covariance matrix of the head's per-sample gradients (per weight/bias block, divided
+            by the block's size), the paper's Table 6 ablation. Exact from ``N×N`` Gram matrices, never a
+            ``P×P`` matrix, so affordable at DomainNet's head; needs ``ema=0`` and one process (see
+            ``FishrPenalty`` and docs/lightning.md, "Full covariance").
     """
 
     penalty_weight: float = 1000.0
@@ -56,6 +61,7 @@ class FishrOptions:
     param_reduction: Reduction = "mean"
     domain_reduction: Reduction = "mean"
     loss: LossName | PerSampleLoss = "cross_entropy"
+    covariance: Covariance = "diagonal"
 
     def __post_init__(self) -> None:
         self.make_penalty()  # each raises FishrInputError with what to change
@@ -84,6 +90,7 @@ class FishrOptions:
             domain_reduction=self.domain_reduction,
             loss=self.loss,
             backend=self.backend,
+            covariance=self.covariance,
             **extra,
         )
 

@@ -40,11 +40,18 @@ class FishrPenalty:
             data-parallel training passes ``distributed.all_reduce_max`` here.
         head_bias: whether the head has a bias, used when no ``head`` is passed to the call
             (default ``True``); a bias-free head has ``C·D`` parameters, not ``C·D + C``.
-        covariance: ``"diagonal"`` (default, Fishr) or ``"full"``: per parameter group (weight, bias)
-            the whole covariance matrix of the per-sample gradients, each divided by the group's
-            size, as the paper's Colored MNIST variant ``fishr_offdiagonal`` (Table 6). It
-            materialises ``[N, P]`` gradients and ``P_g × P_g`` matrices: for small heads only, and
-            not under distributed training.
+        covariance: ``"diagonal"`` (default, Fishr: each domain's gradient variances) or ``"full"``:
+            each domain's whole covariance matrix of the per-sample gradients, per parameter group
+            (weight, bias), each divided by the group's size, as the paper's Table 6 ablation (its
+            Colored MNIST variant ``fishr_offdiagonal``): ``reduce_e reduce_entries (S_e − S̄)²`` with
+            ``S_e = Ĝ_eᵀĜ_e/(n_e·P_g)``. Computed exactly from ``N×N`` Gram matrices of the gradients
+            (``g_iᵀg_j = (δ_iᵀδ_j)(z_iᵀz_j)``), never a ``P×P`` matrix: affordable at DomainNet's head
+            (``functional.full_covariance_distance``; timing in docs/lightning.md). When the batch is
+            larger than the head (Colored MNIST: 50,000 samples, 391 parameters) the ``P_g×P_g``
+            covariances are the smaller objects and are formed instead (``functional.full_covariance_route``). It needs
+            ``ema=0`` (an EMA of ``P×P`` matrices is not affordable, and one on the Gram factors would
+            keep every past batch; the paper's ablation has no EMA) and one process (under DDP it
+            would need all per-sample factors all-gathered, not implemented).
     """
 
     def __init__(
@@ -74,6 +81,13 @@ class FishrPenalty:
             raise FishrInputError(f"num_domains must be >= 1, got {num_domains}.")
         if covariance not in ("diagonal", "full"):
             raise FishrInputError(f"covariance must be 'diagonal' or 'full', got {covariance!r}.")
+        if covariance == "full" and ema != 0.0:
+            raise FishrInputError(
+                f"covariance='full' needs ema=0, got ema={ema}: an EMA of each domain's P×P gradient covariance "
+                "would hold P² numbers per domain (5·10¹¹ at DomainNet's head), and one kept on the N×N Gram "
+                "factors would have to keep every past batch's gradients. The paper's full-covariance ablation "
+                "(Table 6, Colored MNIST) uses no EMA: pass ema=0, or use covariance='diagonal' with the EMA."
+            )
         self.num_domains = num_domains
         self.requested_num_domains = num_domains
         self.ema = ema
@@ -98,6 +112,13 @@ class FishrPenalty:
         head: nn.Linear | None = None,
     ) -> Tensor:
         """Update each domain's EMA with this batch and return the penalty (a scalar, float32 or wider)."""
+        if self.covariance == "full":
+            penalty, count_E, unassigned = self._full_covariance_penalty(
+                features_ND, logits_NC, targets, domains_N, head
+            )
+            self._check(count_E, unassigned, penalty, domains_N)
+            self.num_updates += 1
+            return penalty
         statistic_EX, count_E, unassigned = self.domain_statistics(features_ND, logits_NC, targets, domains_N, head)
         if self.ema_state_EP is not None and self.ema_state_EP.shape != statistic_EX.shape:
             raise FishrInputError(
@@ -122,31 +143,64 @@ class FishrPenalty:
         """Each domain's gradient statistic ``[E, X]``, its sample count ``[E]`` (global under DDP),
         and the number of this batch's samples whose id is outside ``[0, E)``.
 
-        The statistic is the variances ``[E, P]`` or, with ``covariance="full"``, each parameter
-        group's covariance matrix divided by the group's size, flattened (the paper's Colored MNIST
-        variant ``fishr_offdiagonal``: ``Σ_i (g_i − ḡ_e)(g_i − ḡ_e)ᵀ / (n_e · P_g)``, Table 6).
+        The statistic is the variances ``[E, P]``. ``covariance="full"`` has no per-domain statistic
+        it could afford to return (``P×P`` matrices): its penalty comes from Gram matrices instead.
         """
+        if self.covariance == "full":
+            raise FishrInputError(
+                "domain_statistics is the diagonal covariance's [E, P] variances; covariance='full' forms its "
+                "penalty from N×N Gram matrices and never holds the P×P covariances. Call the penalty itself."
+            )
         features_ND, logits_NC = self._prepare(features_ND, logits_NC, targets, domains_N)
         with torch.autocast(device_type=features_ND.device.type, enabled=False):
-            if self.covariance == "full":
-                if self.reduce_moments is not None:
-                    raise FishrInputError(
-                        "covariance='full' cannot be reduced across processes (its per-domain statistics are "
-                        "P×P matrices of centred gradients): use covariance='diagonal' under distributed training."
-                    )
-                grads_NP, group_sizes = self._per_sample_gradients(features_ND, logits_NC, targets, head)
-                count_E = FF.domain_indicator(domains_N, self.num_domains, grads_NP.dtype).sum(dim=0)
-                covariances = FF.domain_gradient_covariance(
-                    grads_NP, domains_N, self.num_domains, group_sizes, self.centered
-                )
-                statistic_EX = torch.cat([c.reshape(self.num_domains, -1) / c.shape[-1] for c in covariances], dim=1)
-                return statistic_EX, count_E, domains_N.shape[0] - count_E.sum()
             moments = self._moments(features_ND, logits_NC, targets, domains_N, head)
             if self.reduce_moments is not None:
                 moments = self.reduce_moments(moments)  # counts and num_samples become global too
             num_samples = moments.num_samples if moments.num_samples is not None else domains_N.shape[0]
             unassigned = num_samples - moments.count_E.sum()
             return FF.domain_gradient_variance(moments, centered=self.centered), moments.count_E, unassigned
+
+    def _full_covariance_penalty(
+        self, features_ND: Tensor, logits_NC: Tensor, targets: Tensor, domains_N: Tensor, head: nn.Linear | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The full-covariance penalty from the per-sample gradients' Gram matrices, the counts ``[E]`` and
+        the number of samples with an id outside ``[0, E)``."""
+        if self.reduce_moments is not None:
+            raise FishrInputError(
+                "covariance='full' does not run under distributed training: its penalty needs the Gram matrices "
+                "of all samples of the global batch (the per-sample logit gradients and features all-gathered), "
+                "not per-domain sums that ranks could all-reduce. Train on one process, or use covariance='diagonal'."
+            )
+        features_ND, logits_NC = self._prepare(features_ND, logits_NC, targets, domains_N)
+        with torch.autocast(device_type=features_ND.device.type, enabled=False):
+            has_bias = head.bias is not None if head is not None else self.head_bias
+            N, C, D = features_ND.shape[0], logits_NC.shape[1], features_ND.shape[1]
+            group_sizes = [C * D] + ([C] if has_bias else [])
+            if FF.full_covariance_route(N, group_sizes, self.num_domains) == "covariances":
+                grads_NP, group_sizes = self._per_sample_gradients(features_ND, logits_NC, targets, head)
+                covariances = FF.domain_gradient_covariance(
+                    grads_NP, domains_N, self.num_domains, group_sizes, self.centered
+                )
+                statistic_EX = torch.cat([c.reshape(self.num_domains, -1) / c.shape[-1] for c in covariances], dim=1)
+                penalty = FF.gradient_variance_distance(statistic_EX, self.param_reduction, self.domain_reduction)
+                count_E = FF.domain_indicator(domains_N, self.num_domains, grads_NP.dtype).sum(dim=0)
+                return penalty, count_E, N - count_E.sum()
+            if self.backend == "backpack":
+                grads_NP, group_sizes = self._per_sample_gradients(features_ND, logits_NC, targets, head)
+                grams_GNN = FF.per_sample_gradient_grams(grads_NP, group_sizes)
+            else:
+                delta_NC = FF.logit_gradients(logits_NC, targets, self.loss)
+                grams_GNN = FF.head_gradient_grams(features_ND, delta_NC, bias=has_bias)
+            penalty, count_E = FF.full_covariance_distance(
+                grams_GNN,
+                group_sizes,
+                domains_N,
+                self.num_domains,
+                self.centered,
+                self.param_reduction,
+                self.domain_reduction,
+            )
+        return penalty, count_E, domains_N.shape[0] - count_E.sum()
 
     def moments(
         self,
