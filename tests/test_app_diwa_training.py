@@ -12,11 +12,15 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from test_app_train import SMALL_SYNTHETIC, records, run_app
+from test_sweeps_configs import CONFIGS, job_overrides
 
+from fishr_lightning.app import AppError
 from fishr_lightning.app.training.evaluation import is_record_step
-from fishr_lightning.app.training.initialisation import BestModel
-from fishr_lightning.app.training.run import load_model
+from fishr_lightning.app.training.hparams import hparams_for
+from fishr_lightning.app.training.initialisation import BestModel, check_init_options
+from fishr_lightning.app.training.run import load_model, run_search_space
 
 SNAPSHOTS: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -153,3 +157,17 @@ def test_best_model_after_a_resume_beats_only_the_records_already_written(tmp_pa
     saved = torch.load(run_dir / "model_best.pt", weights_only=True)
     assert saved["step"] == 6 and saved["val_acc"] == pytest.approx(0.75) and saved["args"] == {"a": 1}
     assert torch.equal(saved["state_dict"]["weight"], module.weight)
+
+
+def test_the_diwa_preset_draws_diwas_mild_ranges_from_one_required_init(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["+sweep=diwa", "dataset=pacs"], return_hydra_config=True)
+    assert len(job_overrides(cfg.hydra.sweeper.params)) == 2 * 20 * 3  # one test domain: the init's
+    assert cfg.save_model == "best" and "init_from" in cfg.hydra.job.config.override_dirname.exclude_keys
+    with pytest.raises(AppError, match="init_from is required"):
+        check_init_options(cfg)
+    samplers = {name: sampler for name, (_, sampler) in run_search_space(cfg).items()}
+    draws = [hparams_for("ERM", "PACS", seed, 0, samplers) for seed in range(1, 21)]
+    assert {d["lr"] for d in draws} <= {1e-5, 3e-5, 5e-5} and {d["weight_decay"] for d in draws} <= {1e-4, 1e-6}
+    assert {d["batch_size"] for d in draws} == {32} and len({d["lr"] for d in draws}) == 3
+    assert hparams_for("ERM", "PACS", 0, 0, samplers)["lr"] == 5e-5  # the defaults: DomainBed's, DiWA's

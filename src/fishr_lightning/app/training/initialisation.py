@@ -25,6 +25,7 @@ from fishr_lightning.app.reporting.records import read_records
 INIT_CHOICES = ("linear_probe", "random")
 INIT_FILE = "init.pt"
 BEST_WEIGHTS_FILE = "model_best.pt"
+INIT_FROM_REQUIRED = "required"
 
 
 def model_contents(
@@ -48,6 +49,13 @@ def model_contents(
 
 def check_init_options(cfg: DictConfig) -> None:
     """``init`` and ``init_from`` usable, or a clear error."""
+    # The diwa sweep preset's `init_from: required` (a `???` would not override train.yaml's null when merged).
+    if cfg.get("init_from") == INIT_FROM_REQUIRED:
+        raise AppError(
+            "init_from is required here (+sweep=diwa: every run starts from one shared initialisation): first "
+            "`python train.py init=linear_probe dataset=... test_envs=[k] algorithm=erm hydra.run.dir=inits/NAME`, "
+            "then add init_from=inits/NAME/init.pt to this command."
+        )
     init = cfg.get("init")
     if init is not None and init not in INIT_CHOICES:
         raise AppError(
