@@ -166,6 +166,7 @@ def test_resume_after_a_failure_continues_the_same_run(monkeypatch, tmp_path):
         "checkpoint_freq=3",
         "+hparams.penalty_anneal_iters=2",
         "+hparams.lambda=10",
+        "save_model=best",  # model_best.pt: the resumed run knows the best record before the interruption (issue 29)
     ]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     assert run_app(monkeypatch, uninterrupted, *options) == 0
@@ -184,6 +185,10 @@ def test_resume_after_a_failure_continues_the_same_run(monkeypatch, tmp_path):
     assert [r["step"] for r in records(interrupted)] == [0, 3, 6, 8]
     assert accuracies(interrupted) == accuracies(uninterrupted)
     assert (interrupted / "done").exists() and not (interrupted / "checkpoints").exists()
+    best, resumed_best = (torch.load(d / "model_best.pt", weights_only=True) for d in (uninterrupted, interrupted))
+    assert (resumed_best["step"], resumed_best["val_acc"]) == (best["step"], best["val_acc"])
+    for name, tensor in best["state_dict"].items():
+        torch.testing.assert_close(resumed_best["state_dict"][name], tensor, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,17 @@ from fishr_lightning.app.training.hparams import (
     registry,
     search_space,
 )
+from fishr_lightning.app.training.initialisation import (
+    BEST_WEIGHTS_FILE,
+    INIT_FILE,
+    BestModel,
+    FrozenFeaturizer,
+    check_init_options,
+    init_args,
+    init_path,
+    load_init,
+    model_contents,
+)
 from fishr_lightning.app.training.loggers import finish_loggers, instantiate_logger
 from fishr_lightning.app.training.module import DomainClassifier
 from fishr_lightning.app.training.preemption import Preempted, Preemption
@@ -71,7 +82,7 @@ from fishr_lightning.app.training.run_directory import (
 from fishr_lightning.app.training.warmups import warn_about_warmups
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
-SAVE_MODEL_CHOICES = ("weights", "full", "none")
+SAVE_MODEL_CHOICES = ("weights", "full", "none", "best")
 WEIGHTS_FILE = "model.pt"
 FULL_CHECKPOINT_FILE = "model.ckpt"
 
@@ -173,6 +184,7 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "precision": str(cfg.trainer.get("precision", "32-true")),  # fishr-collect keys its cells on it (issue 25)
         # Recorded only when set, so the runs recorded before issue 26 keep their args (and their cells).
         **({"hparams_search": recorded_search_space(search)} if (search := run_search_space(cfg)) else {}),
+        **init_args(cfg),  # init, init_from, init_sha256: only when set (issue 29)
     }
 
 
@@ -238,6 +250,17 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     module_node = cfg.algorithm.get("module")
     module_options = OmegaConf.to_container(module_node, resolve=True) if module_node is not None else {}
     module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options)
+    if cfg.get("init_from") is not None:  # a shared initialisation (DiWA, issue 29); a resumed run's checkpoint wins
+        load_init(module, init_path(cfg), backbone, data.input_shape, spec.num_classes)
+    if cfg.get("init") == "random":  # DiWA's random initialisation: the untrained weights, no training
+        args = {**run_args(cfg, run_dir, test_envs), "steps": 0}
+        record = {"step": None, "hparams": hparams, "args": args}
+        torch.save(model_contents(module, backbone, data.input_shape, spec.num_classes, record), run_dir / INIT_FILE)
+        print(
+            f"fishr-train: the initialisation (random weights) is {run_dir / INIT_FILE}; "
+            f"start a sweep from it with init_from={run_dir / INIT_FILE}"
+        )
+        return record
     input_config = getattr(module.featurizer, "input_config", None)
     if input_config:  # timm backbones: their own input size, mean and std in the transforms
         use_input_config(data, input_config, augment=hparams["data_augmentation"])
@@ -274,6 +297,13 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     # in the module: it holds the raw training weights and optimizer state (resumable, issue 18).
     final_checkpoint = [FinalCheckpoint(run_dir / FULL_CHECKPOINT_FILE)] if cfg.save_model == "full" else []
     callbacks = [*instantiate_callbacks(cfg.algorithm.callbacks), *final_checkpoint, *averaging, evaluation]
+    if cfg.save_model == "best":  # after the evaluation: it reads the step's record (issue 29)
+        best = BestModel(
+            evaluation, run_dir / BEST_WEIGHTS_FILE, test_envs, backbone, data.input_shape, spec.num_classes
+        )
+        callbacks.append(best)
+    if cfg.get("init") == "linear_probe":
+        callbacks.append(FrozenFeaturizer())
     if not progress_bar and cfg.progress.every:
         callbacks.append(ProgressLines(every=cfg.progress.every, steps=cfg.steps))
     callbacks += instantiate_callbacks(cfg.callbacks)
@@ -317,8 +347,10 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     finished = bool(records) and (records[-1]["step"] == cfg.steps - 1 or stopped_early(averaging))
     averaged = next((cb.record for cb in averaging if isinstance(cb, AveragedModelRecord)), None)
     # With averaging, model.pt holds the averaged weights also when model.ckpt holds the raw ones (full).
-    weights = cfg.save_model == "weights" or (cfg.save_model == "full" and cfg.averaging.name is not None)
+    weights = cfg.save_model in ("weights", "best") or (cfg.save_model == "full" and cfg.averaging.name is not None)
     save_model(trainer, module, run_dir, weights, backbone, data.input_shape, spec.num_classes, records)
+    if cfg.get("init") == "linear_probe" and trainer.is_global_zero:
+        save_model(trainer, module, run_dir, True, backbone, data.input_shape, spec.num_classes, records, INIT_FILE)
     if trainer.is_global_zero:
         if finished:
             (run_dir / DONE_FILE).write_text("done")
@@ -329,6 +361,11 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
             accuracy = ", ".join(f"{100 * averaged[f'env{env}_in_acc']:.1f}%" for env in test_envs)
             print(
                 f"{averaged['args']['algorithm']} (averaged weights, in {AVERAGED_FILE}): test-domain accuracy {accuracy}."
+            )
+        if cfg.get("init") == "linear_probe":
+            print(
+                f"fishr-train: the initialisation (linear probe, {cfg.steps} steps) is {run_dir / INIT_FILE}; "
+                f"start a sweep from it with init_from={run_dir / INIT_FILE}"
             )
     return records[-1] if records else None
 
@@ -362,24 +399,14 @@ def save_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     records: list[dict[str, Any]],
+    file_name: str = WEIGHTS_FILE,
 ) -> None:
     """With ``weights``, ``model.pt``: the module's weights (the averaged ones with averaging) and what
     rebuilds it (``load_model``), as DomainBed's ``model.pkl``. (``save_model=full``'s ``model.ckpt`` is
-    written during the fit, by ``FinalCheckpoint``.)"""
+    written during the fit, by ``FinalCheckpoint``.) ``init.pt`` and ``model_best.pt`` have its format."""
     if weights and trainer.is_global_zero:
         last = records[-1] if records else {}
-        torch.save(
-            {
-                "state_dict": {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()},
-                "backbone": backbone,
-                "input_shape": list(input_shape),
-                "num_classes": num_classes,
-                "hparams": last.get("hparams", {}),
-                "args": last.get("args", {}),
-                "step": last.get("step"),
-            },
-            run_dir / WEIGHTS_FILE,
-        )
+        torch.save(model_contents(module, backbone, input_shape, num_classes, last), run_dir / file_name)
 
 
 class FinalCheckpoint(Callback):
@@ -399,7 +426,8 @@ class FinalCheckpoint(Callback):
 
 
 def load_model(path: str | Path) -> DomainClassifier:
-    """The trained module from a run's ``model.pt`` (``save_model=weights``), in eval mode."""
+    """The trained module from a run's ``model.pt`` (``save_model=weights``), ``model_best.pt``
+    (``save_model=best``) or ``init.pt`` (``init=...``), in eval mode."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     backbone = dict(saved["backbone"])
     if "pretrained" in backbone:
@@ -420,8 +448,15 @@ def check_run_options(cfg: DictConfig) -> None:
             raise AppError(f"{key}={cfg[key]}: it is a number of optimizer steps, a positive integer (e.g. {key}=300).")
     if cfg.save_model not in SAVE_MODEL_CHOICES:
         raise AppError(
-            f"save_model={cfg.save_model}: choose weights (model.pt, the default), full (model.ckpt, resumable) or none."
+            f"save_model={cfg.save_model}: choose weights (model.pt, the default), full (model.ckpt, resumable), "
+            "best (model.pt and model_best.pt, the weights at the best training-domain validation accuracy) or none."
         )
+    if cfg.save_model == "best" and cfg.holdout_fraction == 0:
+        raise AppError(
+            "save_model=best keeps the weights at the best training-domain validation accuracy, which needs held-out "
+            "splits: holdout_fraction=0 leaves none. Set holdout_fraction>0 (0.2 is DomainBed's)."
+        )
+    check_init_options(cfg)  # issue 29
     if not isinstance(cfg.data.skip_broken_images, bool):
         raise AppError(f"data.skip_broken_images={cfg.data.skip_broken_images}: true or false (the default).")
     if not isinstance(cfg.eval_augmentation, bool):
