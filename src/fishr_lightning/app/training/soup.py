@@ -45,6 +45,7 @@ from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import use_input_config
 from fishr_lightning.app.data.specs import dataset_spec
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, read_records
+from fishr_lightning.app.training.console import quiet_lightning
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
 from fishr_lightning.app.training.run import WEIGHTS_FILE, build_module, data_options
 from fishr_lightning.averaging.batchnorm_update import update_batchnorm_from_training
@@ -67,6 +68,7 @@ class Member:
     args: dict[str, Any]
     hparams: dict[str, Any]
     val_acc: float
+    test_acc: float = float("nan")  # at the same record: the test domains' in splits (DomainBed's test accuracy)
 
 
 @dataclass
@@ -90,6 +92,10 @@ def training_domain_validation(record: dict[str, Any]) -> float:
     return float(np.mean([record[f"env{env}_out_acc"] for env in range(domains) if env not in test_envs]))
 
 
+def test_domain_accuracy(record: dict[str, Any]) -> float:
+    return float(np.mean([record[f"env{env}_in_acc"] for env in record["args"]["test_envs"]]))
+
+
 def find_members(sweep_dir: Path) -> list[Member]:
     """The finished runs under ``sweep_dir`` that hold ``model_best.pt``, soups (``diwa/``) left out."""
     members = []
@@ -103,7 +109,10 @@ def find_members(sweep_dir: Path) -> list[Member]:
         if not records or SOUP_MARK in records[-1]["args"]["algorithm"]:
             continue
         best = max(records, key=training_domain_validation)  # the record model_best.pt holds (save_model=best)
-        members.append(Member(directory, records[-1]["args"], best["hparams"], training_domain_validation(best)))
+        test_acc = test_domain_accuracy(best)
+        members.append(
+            Member(directory, records[-1]["args"], best["hparams"], training_domain_validation(best), test_acc)
+        )
     return members
 
 
@@ -327,8 +336,17 @@ def soup_group(group: Group, sweep_dir: Path, device: str, bn_batches: int, sele
     evaluator = SoupEvaluator(ordered[0], reference_saved, device, bn_batches)
     del reference_saved["state_dict"]
     lines = []
-    members_mean = float(np.mean([member.val_acc for member in group.members]))
-    summary = f"best member {100 * ordered[0].val_acc:.1f}%, members' mean {100 * members_mean:.1f}%"
+    val_mean = float(np.mean([member.val_acc for member in group.members]))
+    test_mean = float(np.mean([member.test_acc for member in group.members]))
+
+    def summary(accuracies: dict[str, float]) -> str:
+        return (
+            f"training-domain validation {100 * evaluator.validation(accuracies):.1f}% (best member "
+            f"{100 * ordered[0].val_acc:.1f}%, members' mean {100 * val_mean:.1f}%), test domain "
+            f"{100 * test_domain_accuracy({**accuracies, 'args': group.members[0].args}):.1f}% (best member's "
+            f"{100 * ordered[0].test_acc:.1f}%, members' mean {100 * test_mean:.1f}%)"
+        )
+
     if "uniform" in selections:
         total = WeightSum()
         for member in tqdm(ordered, desc=f"{group.name} uniform", unit="run", file=sys.stderr):
@@ -341,10 +359,7 @@ def soup_group(group: Group, sweep_dir: Path, device: str, bn_batches: int, sele
             group, "uniform", accuracies, run_dir, members=members, batchnorm_batches=evaluator.batchnorm_batches
         )
         write_soup(run_dir, record, weights, reference_saved)
-        lines.append(
-            f"{group.name}: uniform soup of {len(ordered)} runs: training-domain validation "
-            f"{100 * evaluator.validation(accuracies):.1f}% ({summary}) -> {run_dir}"
-        )
+        lines.append(f"{group.name}: uniform soup of {len(ordered)} runs: {summary(accuracies)} -> {run_dir}")
     if "restricted" in selections:
         state = {"sum": WeightSum(), "best": None}
         bar = tqdm(total=len(ordered), desc=f"{group.name} restricted", unit="run", file=sys.stderr)
@@ -375,8 +390,7 @@ def soup_group(group: Group, sweep_dir: Path, device: str, bn_batches: int, sele
         )
         write_soup(run_dir, record, weights, reference_saved)
         lines.append(
-            f"{group.name}: restricted soup of {len(accepted)} of {len(ordered)} runs: training-domain validation "
-            f"{100 * accuracy:.1f}% ({summary}) -> {run_dir}"
+            f"{group.name}: restricted soup of {len(accepted)} of {len(ordered)} runs: {summary(accuracies)} -> {run_dir}"
         )
     return lines
 
@@ -395,6 +409,7 @@ def soup_sweep(sweep_dir: Path, device: str = "auto", bn_batches: int = 500, sel
     if not sweep_dir.is_dir():
         raise AppError(f"{sweep_dir} is not a directory: pass the sweep directory of the runs to average.")
     device = resolve_device(device)
+    quiet_lightning()  # no tips nor device lines between the soups' lines
     groups = group_members(find_members(sweep_dir))
     if not groups:
         raise AppError(
