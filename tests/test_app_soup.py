@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from fishr_lightning.app.reporting import collect
 from fishr_lightning.app.training.run import load_model
 from fishr_lightning.app.training.run import main as train_main
-from fishr_lightning.app.training.soup import Member, greedy_selection, soup_sweep
+from fishr_lightning.app.training.soup import Member, WeightSum, greedy_selection, soup_sweep
 
 FAST = ["trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv"]
 # One seed for every member: the same seed-0 module initialisation (run.py seeds before building the module),
@@ -119,6 +119,22 @@ def test_the_soups_records_are_runs_with_every_split(souped):
     assert restricted["members"] == [c["run"] for c in restricted["candidates"] if c["accepted"]]
     val_accs = [c["val_acc"] for c in restricted["candidates"]]
     assert val_accs == sorted(val_accs, reverse=True)
+    # The restricted soup's weights: the mean of the accepted members' best weights.
+    kept = [torch.load(Path(run) / "model_best.pt", weights_only=True)["state_dict"] for run in restricted["members"]]
+    soup = torch.load(Path(records["restricted"]["args"]["output_dir"]) / "model.pt", weights_only=True)["state_dict"]
+    for name, tensor in soup.items():
+        expected = sum(state[name].double() for state in kept) / len(kept)
+        torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=0, atol=1e-7)
+
+
+def test_the_weight_sum_averages_floating_tensors_in_float64_and_keeps_integer_buffers_from_the_first():
+    total = WeightSum()
+    for offset in (0, 1, 3):
+        total.add({"w": torch.full((2,), 0.1 + offset), "num_batches_tracked": torch.tensor(5 + offset)}, Path("run"))
+    mean = total.mean()
+    assert mean["w"].dtype == torch.float32
+    torch.testing.assert_close(mean["w"], torch.full((2,), 0.1 + 4 / 3))
+    assert mean["num_batches_tracked"].item() == 5 and mean["num_batches_tracked"].dtype == torch.int64
 
 
 def test_fishr_collect_tabulates_the_soups_beside_the_runs(souped, capsys):

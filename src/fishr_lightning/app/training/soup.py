@@ -220,6 +220,9 @@ class SoupEvaluator:
     train, and returns a run record's ``env{i}_{in,out}_acc``."""
 
     def __init__(self, reference: Member, saved: dict[str, Any], device: str, bn_batches: int) -> None:
+        # The best member's args and hyperparameters: the group shares dataset, test domains, trial (the splits)
+        # and data options; batch_size (BatchNorm's batches) and data_augmentation (eval_augmentation's
+        # transform) may differ between members, and the best one's stand for the soup.
         args, hparams = reference.args, reference.hparams
         config_path = reference.directory / ".hydra" / "config.yaml"
         if not config_path.exists():
