@@ -3,7 +3,6 @@ their initialisation, read back by ``fishr-collect``; groups that share no init 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -47,30 +46,20 @@ def run_app(run_dir: Path, *overrides: str) -> None:
             GlobalHydra.instance().clear()
 
 
-def training_domain_validation(record: dict) -> float:
-    return (record["env1_out_acc"] + record["env2_out_acc"]) / 2  # test_envs=[0] of the synthetic 3 domains
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """Three finished ERM runs from one seed-0 init, each with ``model_best.pt`` and a recorded init."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    init = sweep_dir / "init.pt"
-    init.write_bytes(b"the shared initialisation")
-    digest = hashlib.sha256(init.read_bytes()).hexdigest()
+    init_dir = tmp_path_factory.mktemp("init")
+    run_app(init_dir, *MEMBER_OPTIONS, "init=random")  # the shared initialisation: init.pt, no training
     for hparams_seed in HPARAMS_SEEDS:
-        run_dir = sweep_dir / f"run{hparams_seed}"
-        run_app(run_dir, *MEMBER_OPTIONS, f"hparams_seed={hparams_seed}")
-        # until init_from/save_model=best are on main (issue 29, items 1-2): the recorded init and model_best.pt
-        # written here; then the member runs take init_from=<init.pt> save_model=best instead.
-        records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-        for record in records:
-            record["args"].update(init_from=str(init), init_sha256=digest)
-        (run_dir / "results.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-        saved = torch.load(run_dir / "model.pt", weights_only=True)
-        saved["args"].update(init_from=str(init), init_sha256=digest)
-        best = max(records, key=training_domain_validation)
-        torch.save({**saved, "val_acc": training_domain_validation(best)}, run_dir / "model_best.pt")
+        run_app(
+            sweep_dir / f"run{hparams_seed}",
+            *MEMBER_OPTIONS,
+            f"hparams_seed={hparams_seed}",
+            f"init_from={init_dir / 'init.pt'}",
+            "save_model=best",
+        )
     return sweep_dir
 
 

@@ -141,20 +141,33 @@ def _names_that_differ(group: Sequence[dict[str, str]]) -> set[str]:
     return {name for name in set().union(*group) if len({values.get(name) for values in group}) > 1}
 
 
+# Arguments that differ between test domains by design: DiWA's shared initialisation is trained for one test
+# domain (issue 29), so a sweep's runs start from one init per test domain. They are an experiment's axis
+# only where runs of the same test domains differ in them.
+PER_TEST_DOMAIN_ARGS = frozenset({"init_from", "init_sha256"})
+
+
 def differing_arguments(records: Sequence[Record]) -> dict[str, list[str]]:
     """Per dataset, the arguments in which its records of one algorithm differ (a value, or whether it is
     recorded), and the hyperparameters (``hparams.<name>``) in which records of the same cell keys and
     arguments differ: the same ``hparams_seed`` draws the same hyperparameters, so those were set by hand
     (``+hparams.lr=...``, ``batch_size=...``) and are experiments of their own too."""
     arguments_by_algorithm: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    arguments_by_test_domains: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
     hparams_by_run: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for record in records:
         arguments, experiment = record["args"], experiment_arguments(record)
-        arguments_by_algorithm[(arguments["dataset"], arguments["algorithm"])].append(experiment)
+        shared = {name: value for name, value in experiment.items() if name not in PER_TEST_DOMAIN_ARGS}
+        arguments_by_algorithm[(arguments["dataset"], arguments["algorithm"])].append(shared)
+        per_test_domains = {name: value for name, value in experiment.items() if name in PER_TEST_DOMAIN_ARGS}
+        test_domains = json.dumps(arguments.get("test_envs"))
+        arguments_by_test_domains[(arguments["dataset"], arguments["algorithm"], test_domains)].append(per_test_domains)
         run_key = (*(json.dumps(arguments[name]) for name in sorted(CELL_ARGS)), *sorted(experiment.items()))
         hparams_by_run[run_key].append(_hyperparameters(record))
     differing: dict[str, set[str]] = defaultdict(set)
     for (dataset, _), group in arguments_by_algorithm.items():
+        differing[dataset] |= _names_that_differ(group)
+    for (dataset, _, _), group in arguments_by_test_domains.items():
         differing[dataset] |= _names_that_differ(group)
     for run_key, group in hparams_by_run.items():
         dataset = json.loads(run_key[sorted(CELL_ARGS).index("dataset")])

@@ -47,10 +47,10 @@ from fishr_lightning.app.data.specs import dataset_spec
 from fishr_lightning.app.reporting.records import DONE_FILE, RESULTS_FILE, read_records
 from fishr_lightning.app.training.console import quiet_lightning
 from fishr_lightning.app.training.evaluation import DomainBedEvaluation
+from fishr_lightning.app.training.initialisation import BEST_WEIGHTS_FILE
 from fishr_lightning.app.training.run import WEIGHTS_FILE, build_module, data_options
 from fishr_lightning.averaging.batchnorm_update import update_batchnorm_from_training
 
-BEST_WEIGHTS_FILE = "model_best.pt"  # save_model=best (issue 29, item 2)
 SOUP_DIRECTORY = "diwa"  # under the sweep directory; never searched for members
 SELECTIONS = ("uniform", "restricted")
 SOUP_MARK = "+DiWA("
