@@ -467,3 +467,20 @@ def test_every_recorded_argument_is_keyed_unless_it_does_not_change_results():
     by_hand = app_record("ERM", 0, 100, accuracies, "resnet50", data_pipeline="fast")
     by_hand["hparams"]["lr"] = 1e-3
     assert collect.differing_arguments([plain, by_hand, later]) == {"toy": ["data_finish", "hparams.lr"]}
+
+
+def test_a_shared_init_per_test_domain_is_no_axis_but_two_inits_for_one_test_domain_are():
+    """DiWA's sweeps start each test domain's runs from that domain's own init (issue 29): other init files across
+    test domains are the protocol, not two experiments; two inits for the same test domains are."""
+    from fishr_lightning.app.seeding import domainbed_sweep_seed
+
+    def run(hparams_seed: int, test_envs: list[int], init: str) -> dict:
+        record = app_record("ERM", hparams_seed, 100, ((0.5, 0.5),) * 3, "resnet50")
+        seed = domainbed_sweep_seed("toy", "ERM", test_envs, hparams_seed, 0)
+        record["args"].update(test_envs=test_envs, seed=seed, init_from=f"/inits/{init}/init.pt", init_sha256=init * 8)
+        return record
+
+    one_init_per_test_domain = [run(0, [0], "a"), run(1, [0], "a"), run(0, [1], "b"), run(1, [1], "b")]
+    assert collect.differing_arguments(one_init_per_test_domain) == {}
+    two_inits_for_test_domain_0 = [*one_init_per_test_domain, run(2, [0], "c")]
+    assert collect.differing_arguments(two_inits_for_test_domain_0) == {"toy": ["init_from", "init_sha256"]}
