@@ -166,7 +166,9 @@ def test_the_measured_figures_name_their_versions_and_agree_within_the_tolerance
     averaging = (figures / "averaging_table.txt").read_text()
     app_page = (REPOSITORY / "docs" / "app.md").read_text()
     precision = app_page.split("## Precision", 1)[1].split("\n## ", 1)[0]
-    for name, text in (("main_job.txt", main_job), ("averaging_table.txt", averaging), ("app.md#precision", precision)):
+    diwa = (figures / "diwa_table.txt").read_text()
+    measured = {"main_job.txt": main_job, "averaging_table.txt": averaging, "diwa_table.txt": diwa}
+    for name, text in {**measured, "app.md#precision": precision}.items():
         found = re.search(stamp, text)
         assert found, f"{name} does not say which torch and Lightning measured it ({stamp!r})"
         torch_version, lightning_version = (Version(v.split("+")[0]) for v in found.groups())

@@ -27,7 +27,9 @@ and writes, with the package's own plotting code wherever it exists:
 - ``tensorboard_main_job.png``: TensorBoard's scalars dashboard on the main job, its ``acc/`` section,
   taken by headless Chromium (skipped, saying so, without ``chromium`` on the PATH or tensorboard);
 - ``averaging_table.txt``: the test domain's accuracy with and without SWAD over three seeds, included by
-  ``docs/averaging.md``.
+  ``docs/averaging.md``;
+- ``diwa_table.txt``: DiWA's worked example (a linear-probe init, six ERM runs from it, ``fishr-soup``),
+  included by ``docs/averaging.md`` (``--diwa-only`` reruns just that).
 
 Both text figures name the torch and Lightning that produced them (``versions()``): their accuracies move
 with the version (issue 30: 57.1 % on one torch, 57.7 % on another, for the main job's test domain).
@@ -211,16 +213,69 @@ def write_averaging_table(runs: Path, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+DIWA_MEMBERS = 6  # hparams_seed 0..5 from one linear-probe init (docs/averaging.md's worked example)
+
+
+def write_diwa_table(python: str, work: Path, path: Path) -> None:
+    """DiWA's worked example (issue 29): a 100-step linear-probe init, six ERM runs from it (``hparams_seed``
+    0–5, 400 steps, ``save_model=best``), ``fishr-soup``; the table of training-domain validation and test
+    domain 0's in-split accuracy: the best member and the members' mean (each at its best record, the
+    weights it keeps in ``model_best.pt``), and the two soups' records."""
+    import json
+
+    data = ["dataset.samples_per_domain=2000", "checkpoint_freq=50", "trainer.enable_progress_bar=false"]
+    init_dir, sweep = work / "diwa" / "init", work / "diwa" / "sweep"
+    run([python, "train.py", "init=linear_probe", "algorithm=erm", "steps=100", *data, f"hydra.run.dir={init_dir}"])
+    run([python, "train.py", "-m", "algorithm=erm", f"init_from={init_dir / 'init.pt'}", "save_model=best",
+         f"hparams_seed=range(0,{DIWA_MEMBERS})", "steps=400", *data, f"hydra.sweep.dir={sweep}"])  # fmt: skip
+    run([python, "-m", "fishr_lightning.app.training.soup", str(sweep), "--device", "cpu"])
+
+    def validation(record: dict) -> float:  # DomainBed's training-domain validation, test_envs=[0]
+        return 100 * (record["env1_out_acc"] + record["env2_out_acc"]) / 2
+
+    def best_record(results: Path) -> dict:
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+        return max(records, key=lambda record: (validation(record), -record["step"]))
+
+    runs = [
+        results for results in sorted(sweep.glob("**/results.jsonl")) if "diwa" not in results.relative_to(sweep).parts
+    ]
+    members = [best_record(results) for results in runs]
+    best = max(members, key=validation)
+    rows = [
+        ("best member (by validation)", validation(best), 100 * best["env0_in_acc"]),
+        (
+            "members' mean",
+            sum(map(validation, members)) / len(members),
+            100 * sum(member["env0_in_acc"] for member in members) / len(members),
+        ),
+    ]
+    for selection in ("uniform", "restricted"):
+        (results,) = sweep.glob(f"diwa/*-{selection}/results.jsonl")
+        record = json.loads(results.read_text().splitlines()[-1])
+        kept = len(record["diwa"]["members"])  # restricted: the members it kept
+        label = f"`ERM+DiWA({selection})`, {kept} of {len(members)} runs"
+        rows.append((label, validation(record), 100 * record["env0_in_acc"]))
+    lines = ["| | training-domain validation | test domain (−90 %, in split) |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {val:.1f} % | {test:.1f} % |" for label, val, test in rows]
+    lines += ["", f"*Measured with {versions()}, on a CPU.*"]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory (default: a temporary one)")
     parser.add_argument("--output", type=Path, default=FIGURES, help="where the PNGs go (default: docs/figures)")
     parser.add_argument("--check", action="store_true", help="only rerun the main job and compare with main_job.txt")
+    parser.add_argument("--diwa-only", action="store_true", help="only rerun DiWA's worked example (diwa_table.txt)")
     options = parser.parse_args()
     work = options.keep or Path(tempfile.mkdtemp(prefix="fishr_figures_"))
     work.mkdir(parents=True, exist_ok=True)
     if options.check:
         check_main_job(sys.executable, work)
+        return
+    if options.diwa_only:
+        write_diwa_table(sys.executable, work, options.output / "diwa_table.txt")
         return
     output = options.output
     output.mkdir(parents=True, exist_ok=True)
@@ -278,6 +333,7 @@ def main() -> None:
         if any(process.wait() for process in running):
             raise SystemExit("an averaging run failed")
     write_averaging_table(averaging_runs, output / "averaging_table.txt")
+    write_diwa_table(python, work, output / "diwa_table.txt")
 
     print(f"Figures in {output} ({time.perf_counter() - started:.0f} s):")
     for png in sorted(output.glob("*.png")):
