@@ -100,6 +100,8 @@ def step_losses(outputs: Any, trainer: pl.Trainer) -> dict[str, float]:
             values["loss"] = float(outputs.get(DOMAINBED_LOSS_KEY, outputs["loss"]))
         if "nll" in outputs:
             values["nll"] = float(outputs["nll"])
+        # The algorithms of fishr_lightning.domainbed: the values DomainBed's update() returns, under its keys.
+        values.update(outputs.get("domainbed", {}))
     return {**values, **recorded_penalties(trainer)}
 
 

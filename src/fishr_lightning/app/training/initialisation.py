@@ -44,6 +44,8 @@ def model_contents(
         "hparams": record.get("hparams", {}),
         "args": record.get("args", {}),
         "step": record.get("step"),
+        # What build_algorithm needs besides these (issue 26): DomainBed's name, the training domains, the seed.
+        **({"domainbed": module.domainbed_build} if getattr(module, "domainbed_build", None) else {}),
     }
 
 

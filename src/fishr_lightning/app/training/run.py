@@ -80,6 +80,7 @@ from fishr_lightning.app.training.run_directory import (
     run_directory_lock,
 )
 from fishr_lightning.app.training.warmups import warn_about_warmups
+from fishr_lightning.domainbed import DomainBedError, build_algorithm
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
 SAVE_MODEL_CHOICES = ("weights", "full", "none", "best")
@@ -249,7 +250,8 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     # The algorithm's own module options (configs/algorithm/*.yaml `module:`): Mixup, one forward per domain.
     module_node = cfg.algorithm.get("module")
     module_options = OmegaConf.to_container(module_node, resolve=True) if module_node is not None else {}
-    module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options)
+    domainbed = domainbed_options(cfg)
+    module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options, domainbed)
     if cfg.get("init_from") is not None:  # a shared initialisation (DiWA, issue 29); a resumed run's checkpoint wins
         load_init(module, init_path(cfg), backbone, data.input_shape, spec.num_classes)
     if cfg.get("init") == "random":  # DiWA's random initialisation: the untrained weights, no training
@@ -370,15 +372,28 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     return records[-1] if records else None
 
 
+def domainbed_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """For the algorithms ``fishr_lightning.domainbed.build_algorithm`` builds (``domainbed: true`` in their
+    config, issue 26): its name, the training domains and the seed of the update's draws."""
+    if not cfg.algorithm.get("domainbed"):
+        return None
+    return {"name": cfg.algorithm.name, "num_domains": int(cfg.num_train_domains), "seed": int(cfg.seed)}
+
+
 def build_module(
     backbone: dict[str, Any],
     input_shape: tuple[int, ...],
     num_classes: int,
     hparams: dict[str, Any],
     module_options: dict[str, Any] | None = None,
+    domainbed: dict[str, Any] | None = None,
 ):
+    """The run's module: DomainBed's algorithm ``domainbed["name"]`` (``build_algorithm``) with the app's
+    backbone as its featurizer, or ``DomainClassifier`` (ERM, and the algorithms of head callbacks)."""
     backbone = dict(backbone)
     dropout = backbone.pop("dropout", 0.0)
+    if domainbed is not None:
+        return build_domainbed_module(backbone, dropout, input_shape, num_classes, hparams, domainbed)
     featurizer = instantiate(backbone, input_shape=input_shape)
     return DomainClassifier(
         featurizer,
@@ -388,6 +403,35 @@ def build_module(
         weight_decay=hparams["weight_decay"],
         **(module_options or {}),
     )
+
+
+def build_domainbed_module(
+    backbone: dict[str, Any],
+    dropout: float,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hparams: dict[str, Any],
+    domainbed: dict[str, Any],
+):
+    def featurizer(shape: tuple[int, ...], _: dict[str, Any]) -> torch.nn.Module:
+        network = instantiate(backbone, input_shape=shape)  # ARM asks for its context channel: its own shape
+        if dropout:  # on the features, as DomainBed's ResNet; a parameter-free submodule: DomainBed's keys stay
+            network.add_module("features_dropout", torch.nn.Dropout(dropout))
+            network.register_forward_hook(lambda module, args, features: module.features_dropout(features))
+        return network
+
+    try:
+        return build_algorithm(
+            domainbed["name"],
+            input_shape,
+            num_classes,
+            domainbed["num_domains"],
+            hparams,
+            featurizer,
+            domainbed["seed"],
+        )
+    except DomainBedError as error:
+        raise AppError(str(error)) from None
 
 
 def save_model(
@@ -432,7 +476,9 @@ def load_model(path: str | Path) -> DomainClassifier:
     backbone = dict(saved["backbone"])
     if "pretrained" in backbone:
         backbone["pretrained"] = False  # the weights come from the file
-    module = build_module(backbone, tuple(saved["input_shape"]), saved["num_classes"], saved["hparams"])
+    module = build_module(
+        backbone, tuple(saved["input_shape"]), saved["num_classes"], saved["hparams"], domainbed=saved.get("domainbed")
+    )
     module.load_state_dict(saved["state_dict"])
     return module.eval()
 

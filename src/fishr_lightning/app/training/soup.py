@@ -248,7 +248,13 @@ class SoupEvaluator:
         backbone = dict(saved["backbone"])
         if "pretrained" in backbone:
             backbone["pretrained"] = False  # the weights come from the files
-        self.module = build_module(backbone, tuple(saved["input_shape"]), saved["num_classes"], saved["hparams"])
+        self.module = build_module(
+            backbone,
+            tuple(saved["input_shape"]),
+            saved["num_classes"],
+            saved["hparams"],
+            domainbed=saved.get("domainbed"),
+        )
         input_config = getattr(self.module.featurizer, "input_config", None)
         if input_config:
             use_input_config(data, input_config, augment=hparams["data_augmentation"])
