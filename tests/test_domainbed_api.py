@@ -109,3 +109,13 @@ def test_the_default_featurizer_is_domainbeds_networks_featurizer():
     ]
     cnn = build_algorithm("ERM", (2, 28, 28), 3, 3, hparams)
     assert "featurizer.bn3.weight" in domainbed_state_dict(cnn)
+
+
+def test_update_called_by_hand_is_domainbeds_update_outside_a_trainer():
+    # The distribution tests of the random algorithms call update() by hand for many seeds: no Trainer needed.
+    module, fitted = erm(), erm()
+    batch = domain_batches(steps=1)[0]
+    module.double().update(minibatches_of(batch))
+    fit(fitted, [batch])
+    for key, value in fitted.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-12, atol=1e-14)

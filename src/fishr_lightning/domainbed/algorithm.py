@@ -112,6 +112,13 @@ class DomainBedAlgorithm(pl.LightningModule):
         return self.featurizer_factory(tuple(input_shape or self.input_shape), dict(self.hparams))
 
     # --- the substitutions of update() -----------------------------------------------------------------
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``manual_backward`` in a fit; ``loss.backward()`` when ``update`` is called by hand."""
+        if self._trainer is None:
+            loss.backward(*args, **kwargs)
+        else:
+            super().manual_backward(loss, *args, **kwargs)
+
     def optimizer_named(self, name: str) -> torch.optim.Optimizer:
         """DomainBed's ``self.<name>``: the torch optimizer (for ``zero_grad``, ``param_groups``, its state)."""
         if self._trainer is None:
