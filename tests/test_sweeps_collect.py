@@ -484,3 +484,31 @@ def test_a_shared_init_per_test_domain_is_no_axis_but_two_inits_for_one_test_dom
     assert collect.differing_arguments(one_init_per_test_domain) == {}
     two_inits_for_test_domain_0 = [*one_init_per_test_domain, run(2, [0], "c")]
     assert collect.differing_arguments(two_inits_for_test_domain_0) == {"toy": ["init_from", "init_sha256"]}
+
+
+def test_rows_follow_domainbeds_algorithms_order_and_the_paper_layout_is_table_3(tmp_path, capsys):
+    # One run per (dataset, algorithm), test domain 0 of 2; accuracies chosen so each cell is its test in-acc.
+    sweep = tmp_path / "paper"
+    accuracy = {"Fishr": 0.70, "ANDMask": 0.60, "ERM": 0.50, "SD": 0.55}
+    for dataset in ("PACS", "ColoredMNIST"):
+        for algorithm, test_in in accuracy.items():
+            record = make_record(dataset, algorithm, [0], 0, 0, 100, ((test_in, test_in), (0.9, 0.8)))
+            write_run(sweep / f"{dataset}_{algorithm}", [record])
+    _, out, _ = collect_output(capsys, sweep)
+    averages = section(out, "## Model selection: training-domain validation set")
+    # DomainBed's ALGORITHMS order: ERM, ..., SD, ANDMask, ..., Fishr; datasets in its DATASETS order.
+    rows = [line.split(" | ")[0] for line in averages.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[-5:] == ["| Algorithm", "| ERM", "| SD", "| ANDMask", "| Fishr"]
+    assert "| Algorithm | ColoredMNIST | PACS | Avg |" in averages
+
+    _, paper, _ = collect_output(capsys, sweep, "--layout", "paper")
+    # The paper's Table 3: averages only, training-domain and oracle selection, its rows and labels (SD is not a
+    # row of the paper: after its rows), its columns in its order, then Avg.
+    assert "Dataset:" not in paper and "leave-one-domain-out" not in paper
+    assert paper.count("### Table 3 layout (Rame et al. 2022)") == 2
+    training = section(paper, "## Model selection: training-domain validation set")
+    assert "| Algorithm | ColoredMNIST | PACS | Avg |" in training
+    assert [line.split(" | ")[0] for line in training.splitlines() if line.startswith("| ") and "---" not in line] == [
+        "| Algorithm", "| ERM", "| AND-mask", "| Fishr", "| SD"
+    ]  # fmt: skip
+    assert "| AND-mask | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 |" in training

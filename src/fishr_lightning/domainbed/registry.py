@@ -8,19 +8,12 @@ from importlib import import_module
 from typing import Any
 
 from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, DomainBedError, FeaturizerFactory
+from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS
 
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
 }
-
-# DomainBed's 34 algorithms, in the order of its ALGORITHMS list.
-DOMAINBED_ALGORITHMS = (
-    "ERM", "ERMPlusPlus", "Fish", "IRM", "GroupDRO", "Mixup", "MLDG", "CORAL", "MMD", "DANN", "CDANN", "MTL",
-    "SagNet", "ARM", "VREx", "RSC", "SD", "ANDMask", "SANDMask", "IGA", "SelfReg", "Fishr", "TRM", "IB_ERM",
-    "IB_IRM", "CAD", "CondCAD", "Transfer", "CausIRL_CORAL", "CausIRL_MMD", "EQRM", "RDM", "ADRMX", "URM",
-)  # fmt: skip
-
 
 def algorithm_class(name: str) -> type[DomainBedAlgorithm]:
     """The class of DomainBed's algorithm ``name``; an unknown name is an error listing the known ones."""

@@ -11,6 +11,7 @@ and mean ± standard error over trials, then DomainBed's averages table over dat
     fishr-collect sweeps/domainbed --format latex --output results.tex
     fishr-collect sweeps/domainbed --plots plots/       # also PNGs, see plots.py
     fishr-collect sweeps/comparison --hparams           # also the hyperparameters each cell selected
+    fishr-collect sweeps/paper --layout paper           # the Fishr paper's Table 3: averages, its rows and columns
 
 DomainBed groups records by (trial_seed, dataset, algorithm, test_envs, hparams_seed); the app records
 more arguments that change an experiment (``backbone``, ``steps``, ``eval_augmentation``,
@@ -54,6 +55,7 @@ from fishr_lightning.app.reporting.records import (
     load_sweep,
 )
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
+from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS, PAPER_DATASETS, PAPER_TABLE_ROWS
 
 # DomainBed's datasets.DATASETS order for tables; other datasets follow alphabetically.
 DATASET_ORDER = [
@@ -81,9 +83,12 @@ def environment_labels(dataset: str, domain_count: int) -> list[str]:
     return [f"env{index}" for index in range(domain_count)]
 
 
-def _algorithm_order(algorithm: str) -> tuple[bool, str]:
-    # DomainBed's tables put ERM, the baseline, first.
-    return (algorithm.lower() != "erm", algorithm.lower())
+def _algorithm_order(algorithm: str) -> tuple[int, str, str]:
+    """DomainBed's collect_results.py orders rows as its ``ALGORITHMS`` (ERM, the baseline, first), other names
+    after, alphabetically; a row ``"Fishr [backbone=resnet18]"`` or ``"Fishr + SWAD"`` sits with its algorithm."""
+    base = algorithm.split(" [")[0].split(" + ")[0]
+    position = DOMAINBED_ALGORITHMS.index(base) if base in DOMAINBED_ALGORITHMS else len(DOMAINBED_ALGORITHMS)
+    return (position, base.lower(), algorithm.lower())
 
 
 def _dataset_order(dataset: str) -> tuple[int, str]:
@@ -226,6 +231,40 @@ def build_tables(records: Sequence[Record]) -> list[MethodTables]:
     return all_tables
 
 
+# The Fishr paper's Tables 3-4: training-domain validation and the oracle, its averages over datasets.
+PAPER_SELECTION_METHODS = ("training_domain", "test_domain_oracle")
+
+
+def paper_layout(tables: list[MethodTables]) -> list[MethodTables]:
+    """The tables as the Fishr paper's Table 3 (issue 26): per selection method of the paper, only the averages
+    table, its rows in the paper's order under the paper's labels (other rows after, as they are), its columns
+    the paper's datasets in its order (a dataset the sweep lacks stays out; the Avg of the columns shown)."""
+    labels = dict(PAPER_TABLE_ROWS)
+    order = [name for name, _ in PAPER_TABLE_ROWS]
+    laid_out = []
+    for method_tables in tables:
+        if method_tables.method.short_name not in PAPER_SELECTION_METHODS:
+            continue
+        averages = method_tables.averages
+        if averages is None:
+            laid_out.append(MethodTables(method_tables.method, [], None))
+            continue
+        rows = sorted(
+            averages.algorithms, key=lambda a: (order.index(a) if a in order else len(order), _algorithm_order(a))
+        )
+        columns = [i for i, dataset in enumerate(averages.column_labels) if dataset in PAPER_DATASETS]
+        columns = sorted(columns, key=lambda i: PAPER_DATASETS.index(averages.column_labels[i]))
+        columns += [i for i in range(len(averages.column_labels)) if i not in columns]
+        table = ResultsTable(
+            f"Table 3 layout (Rame et al. 2022), model selection: {method_tables.method.name}",
+            [averages.column_labels[i] for i in columns],
+            [labels.get(row, row) for row in rows],
+            {labels.get(row, row): [averages.cells[row][i] for i in columns] for row in rows},
+        )
+        laid_out.append(MethodTables(method_tables.method, [], table))
+    return laid_out
+
+
 def _cell_text(table: ResultsTable, algorithm: str, plus_minus: str) -> list[str]:
     cells = [
         "X" if cell is None else f"{100 * cell.mean:.1f} {plus_minus} {100 * cell.standard_error:.1f}"
@@ -307,7 +346,7 @@ def format_markdown(
         lines += [f"- {line}" for line in _incomplete_run_lines(sweep)]
     for method_tables in tables:
         lines += ["", f"## Model selection: {method_tables.method.name}", ""]
-        if not method_tables.dataset_tables:
+        if method_tables.averages is None:
             lines.append(_no_results_text(method_tables.method))
             continue
         for table in [*method_tables.dataset_tables, method_tables.averages]:
@@ -350,7 +389,7 @@ def format_latex(
     lines += [f"% {line}" for line in _differing_lines(differing or {})]
     for method_tables in tables:
         lines += ["", f"\\subsection{{Model selection: {method_tables.method.name}}}"]
-        if not method_tables.dataset_tables:
+        if method_tables.averages is None:
             lines.append(f"% {_no_results_text(method_tables.method)}")
             continue
         for table in [*method_tables.dataset_tables, method_tables.averages]:
@@ -398,6 +437,14 @@ def _argument_parser() -> argparse.ArgumentParser:
         help="also list, per selection method, the hparams_seed and hyperparameters each cell selected "
         "(per dataset, algorithm, test domain and trial)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("domainbed", "paper"),
+        default="domainbed",
+        help="domainbed: every selection method's per-dataset and averages tables (DomainBed's collect_results); "
+        "paper: the Fishr paper's Table 3, the averages over datasets under training-domain and oracle selection, "
+        "rows in the paper's order",
+    )
     return parser
 
 
@@ -419,8 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     differing = key_experiments(sweep)
     tables = build_tables(sweep.records)
+    shown = paper_layout(tables) if arguments.layout == "paper" else tables
     formatter = format_latex if arguments.format == "latex" else format_markdown
-    text = formatter(sweep, tables, show_hparams=arguments.hparams, differing=differing)
+    text = formatter(sweep, shown, show_hparams=arguments.hparams, differing=differing)
     if arguments.output is not None:
         arguments.output.parent.mkdir(parents=True, exist_ok=True)
         arguments.output.write_text(text)
