@@ -454,6 +454,7 @@ def test_every_recorded_argument_is_keyed_unless_it_does_not_change_results():
     assert collect.experiment_arguments(plain) == {
         "backbone": '"resnet50"',
         "data_pipeline": '"fast"',
+        "protocol": '"classic"',  # recorded before issue 27, or DomainBed's without resnet50_augmix: the classic
         "seed": '"domainbed"',  # DomainBed's sweep seed of the cell: different for every run by construction
         "steps": "200",
     }

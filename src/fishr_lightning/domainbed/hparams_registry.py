@@ -33,8 +33,27 @@ ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup"
 ABLATION_HPARAMS = {"vrex_ema": 0.0}
 
 
-def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
-    """Each hyperparameter's ``(default, random-search sampler)`` for this algorithm and dataset."""
+# DomainBed's protocols (issue 27): "classic", its registry's common keys when the Fishr paper ran it (the
+# torchvision ResNet-50, BatchNorm frozen: the published tables); "2024", since its ERM++ release (July 2024),
+# which adds these keys: timm's resnet50.ram_in1k (resnet50_augmix), BatchNorm trained (freeze_bn=False), the
+# ViT/DINOv2/LARS switches off. Each name draws from its own RandomState, so the others' draws are the same.
+PROTOCOLS = ("classic", "2024")
+PROTOCOL_2024_HPARAMS: dict[str, tuple[Any, Sampler]] = {
+    "resnet50_augmix": (True, lambda r: True),
+    "dinov2": (False, lambda r: False),
+    "vit": (False, lambda r: False),
+    "vit_attn_tune": (False, lambda r: False),
+    "freeze_bn": (False, lambda r: False),
+    "lars": (False, lambda r: False),
+    "linear_steps": (500, lambda r: 500),
+    "vit_dropout": (0.0, lambda r: float(r.choice([0.0, 0.1, 0.5]))),
+}
+
+
+def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[str, tuple[Any, Sampler]]:
+    """Each hyperparameter's ``(default, random-search sampler)`` for this algorithm, dataset and protocol."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: DomainBed's protocols are {', '.join(PROTOCOLS)}.")
     small = dataset in SMALL_IMAGE_DATASETS
     hparams: dict[str, tuple[Any, Sampler]] = {
         "data_augmentation": (True, lambda r: True),
@@ -43,6 +62,8 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         "class_balanced": (False, lambda r: False),
         "nonlinear_classifier": (False, lambda r: bool(r.choice([False, False]))),
     }
+    if protocol == "2024":
+        hparams.update(PROTOCOL_2024_HPARAMS)
     if algorithm == "Fishr":
         # Rame et al. 2022, Appendix D / DomainBed's registry. The synthetic default trains for
         # 1500 steps in all: its warm-up is shorter than DomainBed's 1500 (the paper's Colored
@@ -82,27 +103,33 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     return hparams
 
 
-def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
-    return {name: default for name, (default, _) in registry(algorithm, dataset).items()}
+def default_hparams(algorithm: str, dataset: str, protocol: str = "classic") -> dict[str, Any]:
+    """DomainBed's default hyperparameters (``hparams_registry.default_hparams``) for the protocol."""
+    return {name: default for name, (default, _) in registry(algorithm, dataset, protocol).items()}
 
 
 def random_hparams(
-    algorithm: str, dataset: str, seed: int, samplers: dict[str, Sampler] | None = None
+    algorithm: str, dataset: str, seed: int, samplers: dict[str, Sampler] | None = None, protocol: str = "classic"
 ) -> dict[str, Any]:
     """A random-search draw; ``samplers`` replace the registry's for some names (``search_space``, issue 26)."""
     samplers = samplers or {}
     return {
         name: samplers.get(name, sampler)(np.random.RandomState(seed_hash(seed, name)))
-        for name, (_, sampler) in registry(algorithm, dataset).items()
+        for name, (_, sampler) in registry(algorithm, dataset, protocol).items()
     }
 
 
 def hparams_for(
-    algorithm: str, dataset: str, hparams_seed: int, trial_seed: int, samplers: dict[str, Sampler] | None = None
+    algorithm: str,
+    dataset: str,
+    hparams_seed: int,
+    trial_seed: int,
+    samplers: dict[str, Sampler] | None = None,
+    protocol: str = "classic",
 ) -> dict[str, Any]:
     """The run's hyperparameters: defaults for ``hparams_seed == 0``, else a random-search draw
     seeded by ``(hparams_seed, trial_seed)`` exactly as DomainBed's ``train.py`` seeds it. The defaults
     stay DomainBed's whatever ``samplers`` say: as in DomainBed, a default is not part of the distribution."""
     if hparams_seed == 0:
-        return default_hparams(algorithm, dataset)
-    return random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed), samplers)
+        return default_hparams(algorithm, dataset, protocol)
+    return random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed), samplers, protocol)

@@ -15,6 +15,7 @@ ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
 }
 
+
 def algorithm_class(name: str) -> type[DomainBedAlgorithm]:
     """The class of DomainBed's algorithm ``name``; an unknown name is an error listing the known ones."""
     if name not in ALGORITHM_CLASSES:

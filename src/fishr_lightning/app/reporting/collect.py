@@ -113,11 +113,21 @@ def _is_domainbed_sweep_seed(arguments: dict) -> bool:
     return arguments.get("seed") == sweep_seed
 
 
+def record_protocol(record: Record) -> str:
+    """The DomainBed protocol of a record (issue 27): its ``args.protocol``; a record without one (the app's before
+    the switch, DomainBed's own) is ``2024`` when its hyperparameters say ``resnet50_augmix`` (DomainBed's 2024
+    registry), else ``classic``."""
+    protocol = record["args"].get("protocol")
+    if protocol is None:
+        protocol = "2024" if (record.get("hparams") or {}).get("resnet50_augmix") else "classic"
+    return str(protocol)
+
+
 def experiment_arguments(record: Record) -> dict[str, str]:
     """The record's arguments that define its experiment beyond DomainBed's cell keys, as compact JSON: every
     recorded argument except ``CELL_ARGS`` and ``ARGS_THAT_DO_NOT_CHANGE_RESULTS`` (the list the app's
-    finished-run check uses), a DomainBed sweep seed reading ``domainbed``."""
-    arguments = record["args"]
+    finished-run check uses), a DomainBed sweep seed reading ``domainbed``, the protocol as ``record_protocol``."""
+    arguments = {**record["args"], "protocol": record_protocol(record)}
     values = {
         name: json.dumps(value, sort_keys=True, separators=(",", ":"))
         for name, value in arguments.items()
@@ -331,6 +341,12 @@ def _differing_lines(differing: dict[str, list[str]]) -> list[str]:
     ]
 
 
+def protocol_line(sweep: Sweep) -> str:
+    """Which DomainBed protocol the tables come from (issue 27): classic (the published tables) or 2024."""
+    protocols = sorted({record_protocol(record) for record in sweep.records})
+    return f"Protocol{'s' if len(protocols) > 1 else ''}: {', '.join(protocols)}"
+
+
 def format_markdown(
     sweep: Sweep, tables: list[MethodTables], show_hparams: bool = False, differing: dict[str, list[str]] | None = None
 ) -> str:
@@ -338,6 +354,8 @@ def format_markdown(
         f"# Results: {sweep.directory}",
         "",
         f"Complete runs: {len(sweep.complete_runs)} ({len(sweep.records)} records).",
+        "",
+        protocol_line(sweep),
     ]
     if differing:
         lines += ["", *(f"- {line}" for line in _differing_lines(differing))]
@@ -383,6 +401,7 @@ def format_latex(
         "\\section{Full DomainBed results}",
         f"% Sweep: {sweep.directory}",
         f"% Complete runs: {len(sweep.complete_runs)}, records: {len(sweep.records)}",
+        f"% {protocol_line(sweep)}",
     ]
     for line in _incomplete_run_lines(sweep):
         lines.append(f"% Incomplete run (not used): {line}")

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ from fishr_lightning.app.training.run_directory import (
 )
 from fishr_lightning.app.training.warmups import warn_about_warmups
 from fishr_lightning.domainbed import DomainBedError, build_algorithm
+from fishr_lightning.domainbed.hparams_registry import PROTOCOLS
 
 CONFIG_MODULE = "fishr_lightning.app.configs"
 SAVE_MODEL_CHOICES = ("weights", "full", "none", "best")
@@ -102,17 +104,56 @@ RECORDED_ONLY_HPARAMS = {
 }
 
 
+def run_protocol(cfg: DictConfig) -> str:
+    """``protocol``: ``classic`` (the Fishr paper's DomainBed) or ``2024`` (DomainBed's since July 2024; issue 27)."""
+    protocol = str(cfg.get("protocol", "classic"))
+    if protocol not in PROTOCOLS:
+        raise AppError(
+            f"protocol={protocol}: DomainBed's protocols are classic (the published tables: torchvision's ResNet-50, "
+            "BatchNorm frozen) and 2024 (DomainBed since its ERM++ release: timm's resnet50.ram_in1k, BatchNorm trained)."
+        )
+    return protocol
+
+
+def apply_protocol(cfg: DictConfig) -> None:
+    """``protocol=2024``: the dataset's classic ResNet-50 becomes DomainBed's 2024 backbone (``resnet50_augmix``:
+    timm's ``resnet50.ram_in1k``, BatchNorm trained), as DomainBed's ``networks.ResNet`` with the 2024 registry;
+    a backbone chosen on the command line (``backbone=...``) stays, and ``backbone.<option>=...`` overrides carry
+    over where the 2024 backbone has the option (issue 27). The registry's 2024 keys come with ``resolve_hparams``."""
+    if run_protocol(cfg) != "2024" or config_choice("backbone") != "resnet50" or not HydraConfig.initialized():
+        return
+    overrides = [override.lstrip("+~") for override in HydraConfig.get().overrides.task]
+    if any(override.split("=")[0].split("@")[0] == "backbone" for override in overrides):
+        return  # backbone=resnet50 said explicitly
+    node = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "backbone" / "resnet50_augmix.yaml"))
+    for override in overrides:
+        key = override.split("=")[0]
+        if key.startswith("backbone."):
+            option = key.removeprefix("backbone.")
+            if OmegaConf.select(node, option, default=None) is None and option not in node:
+                raise AppError(
+                    f"{key} is an option of the classic ResNet-50; protocol=2024 trains timm's resnet50.ram_in1k "
+                    f"(configs/backbone/resnet50_augmix.yaml), whose options are {', '.join(node)}. Drop it, or keep "
+                    "the classic backbone with backbone=resnet50."
+                )
+            OmegaConf.update(node, option, OmegaConf.select(cfg, key), force_add=True)
+    with open_dict(cfg):
+        cfg.backbone = node
+
+
 def resolve_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The registry's hyperparameters for this run, then the user's: ``batch_size`` and ``hparams.*``."""
     search = run_search_space(cfg)
     samplers = {name: sampler for name, (_, sampler) in search.items()}
-    hparams = hparams_for(cfg.algorithm.name, cfg.dataset.name, cfg.hparams_seed, cfg.trial_seed, samplers)
+    protocol = run_protocol(cfg)
+    hparams = hparams_for(cfg.algorithm.name, cfg.dataset.name, cfg.hparams_seed, cfg.trial_seed, samplers, protocol)
     if cfg.batch_size is not None:
         hparams["batch_size"] = cfg.batch_size
     overrides = OmegaConf.to_container(cfg.hparams, resolve=True)
     # Any algorithm's names are accepted (one sweep may set lambda for ERM and Fishr alike, as DomainBed's
     # --hparams does); a misspelt +hparams.lamda=100 would otherwise change nothing, silently.
-    known = {name for algorithm in ALGORITHMS for name in registry(algorithm, cfg.dataset.name)} | set(ABLATION_HPARAMS)
+    known = {name for algorithm in ALGORITHMS for name in registry(algorithm, cfg.dataset.name, protocol)}
+    known |= set(ABLATION_HPARAMS)
     for name, value in overrides.items():
         if name not in known:
             raise AppError(
@@ -123,6 +164,11 @@ def resolve_hparams(cfg: DictConfig) -> dict[str, Any]:
             raise AppError(f"hparams.{name}={value} is not supported: {RECORDED_ONLY_HPARAMS[name]}.")
     hparams.update(overrides)
     hparams["resnet18"] = cfg.backbone.get("depth") == 18 and "ResNet" in cfg.backbone._target_
+    if protocol == "2024":  # what the backbone is, as resnet18 says it (DomainBed's networks.ResNet reads them)
+        hparams["resnet50_augmix"] = cfg.backbone.get("name") == "resnet50.ram_in1k"
+        freeze = cfg.backbone.get("freeze_bn", cfg.backbone.get("freeze_batchnorm"))
+        if freeze is not None:
+            hparams["freeze_bn"] = bool(freeze)
     return hparams
 
 
@@ -182,6 +228,7 @@ def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, 
         "save_model": cfg.save_model,
         "data_pipeline": pipeline,  # fast, domainbed, or tensors
         **({"data_decode": decode, "data_finish": finish} if pipeline == "fast" else {}),
+        "protocol": run_protocol(cfg),  # classic or 2024 (issue 27): fishr-collect keeps them apart
         "precision": str(cfg.trainer.get("precision", "32-true")),  # fishr-collect keys its cells on it (issue 25)
         # Recorded only when set, so the runs recorded before issue 26 keep their args (and their cells).
         **({"hparams_search": recorded_search_space(search)} if (search := run_search_space(cfg)) else {}),
@@ -210,6 +257,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
         if cfg.seed == DOMAINBED_SEED:  # the domainbed* sweep presets: DomainBed's sweep.py seed (issue 19)
             cfg.seed = domainbed_sweep_seed(spec.name, cfg.algorithm.name, test_envs, cfg.hparams_seed, cfg.trial_seed)
     pipeline, decode, finish = data_options(cfg)
+    apply_protocol(cfg)
     hparams = resolve_hparams(cfg)
     if not is_positive_int(hparams["batch_size"]):
         raise AppError(f"batch_size={hparams['batch_size']}: it is the number of samples per training domain and step.")
