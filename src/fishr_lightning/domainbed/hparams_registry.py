@@ -25,7 +25,7 @@ SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
 Sampler = Callable[[np.random.RandomState], Any]
 
 # DomainBed's names of the algorithms with registered hyperparameters.
-ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD")
+ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD", "IB_ERM", "IB_IRM")
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
 # as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
@@ -86,6 +86,12 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["mixup_alpha"] = (0.2, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "SD":
         hparams["sd_reg"] = (0.1, lambda r: float(10 ** r.uniform(-5, -1)))
+    elif algorithm in ("IB_ERM", "IB_IRM"):  # DomainBed's registry; IB_IRM's IRM keys first, as there
+        if algorithm == "IB_IRM":
+            hparams["irm_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
+            hparams["irm_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+        hparams["ib_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
+        hparams["ib_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 
