@@ -25,7 +25,21 @@ SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
 Sampler = Callable[[np.random.RandomState], Any]
 
 # DomainBed's names of the algorithms with registered hyperparameters.
-ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD", "IB_ERM", "IB_IRM")
+ALGORITHMS = (
+    "ERM",
+    "Fishr",
+    "IRM",
+    "VREx",
+    "CORAL",
+    "MMD",
+    "GroupDRO",
+    "Mixup",
+    "SD",
+    "IB_ERM",
+    "IB_IRM",
+    "CausIRL_CORAL",
+    "CausIRL_MMD",
+)
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
 # as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
@@ -78,7 +92,7 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     elif algorithm == "VREx":
         hparams["vrex_lambda"] = (1e1, lambda r: float(10 ** r.uniform(-1, 5)))
         hparams["vrex_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
-    elif algorithm in ("CORAL", "MMD"):
+    elif algorithm in ("CORAL", "MMD", "CausIRL_CORAL", "CausIRL_MMD"):
         hparams["mmd_gamma"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "GroupDRO":
         hparams["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
