@@ -92,7 +92,7 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     elif algorithm == "VREx":
         hparams["vrex_lambda"] = (1e1, lambda r: float(10 ** r.uniform(-1, 5)))
         hparams["vrex_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
-    elif algorithm in ("CORAL", "MMD", "CausIRL_CORAL", "CausIRL_MMD"):
+    elif algorithm in ("CORAL", "MMD", "CausIRL_CORAL", "CausIRL_MMD", "EQRM"):
         hparams["mmd_gamma"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "GroupDRO":
         hparams["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
@@ -106,6 +106,10 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
             hparams["irm_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
         hparams["ib_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
         hparams["ib_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm == "EQRM":  # burn-in drawn as a float, as DomainBed's registry draws it
+        hparams["eqrm_quantile"] = (0.75, lambda r: float(r.uniform(0.5, 0.99)))
+        hparams["eqrm_burnin_iters"] = (2500, lambda r: float(10 ** r.uniform(2.5, 3.5)))
+        hparams["eqrm_lr"] = (1e-6, lambda r: float(10 ** r.uniform(-7, -5)))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 

@@ -17,6 +17,7 @@ ALGORITHM_CLASSES: dict[str, str] = {
     "IB_IRM": "information_bottleneck:IB_IRM",
     "CausIRL_CORAL": "causirl:CausIRL_CORAL",
     "CausIRL_MMD": "causirl:CausIRL_MMD",
+    "EQRM": "eqrm:EQRM",
 }
 
 
