@@ -18,6 +18,7 @@ from domainbed_harness import (
 )
 
 from fishr_lightning.domainbed import build_algorithm, default_hparams, domainbed_state_dict
+from fishr_lightning.domainbed.hparams_registry import hparams_for
 
 HPARAMS = {**default_hparams("EQRM", "PACS"), "lr": 1e-2, "eqrm_burnin_iters": 1, "eqrm_lr": 3e-3, "eqrm_quantile": 0.8}
 
@@ -76,5 +77,10 @@ def test_the_quantile_stays_float64_under_half_precision_and_the_registry_is_dom
     assert module.alpha.dtype == torch.float64 and module.classifier.weight.dtype == torch.bfloat16
     defaults = default_hparams("EQRM", "PACS")
     assert (defaults["eqrm_quantile"], defaults["eqrm_burnin_iters"], defaults["eqrm_lr"]) == (0.75, 2500, 1e-6)
+    # DomainBed's draw for hparams_seed=1, trial_seed=0 (computed with its hparams_registry): a float burn-in.
+    draw = hparams_for("EQRM", "PACS", 1, 0)
+    assert [draw[k] for k in ("eqrm_quantile", "eqrm_burnin_iters", "eqrm_lr")] == pytest.approx(
+        [0.7335553271795177, 423.2761238000087, 4.377815305398272e-06]
+    )
     assert set(domainbed_state_dict(module)) >= {"alpha", "update_count", "network.1.weight"}
     assert pytest.approx(0.8) == float(module.alpha)

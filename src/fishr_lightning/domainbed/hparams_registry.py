@@ -92,7 +92,7 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     elif algorithm == "VREx":
         hparams["vrex_lambda"] = (1e1, lambda r: float(10 ** r.uniform(-1, 5)))
         hparams["vrex_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
-    elif algorithm in ("CORAL", "MMD", "CausIRL_CORAL", "CausIRL_MMD", "EQRM"):
+    elif algorithm in ("CORAL", "MMD", "CausIRL_CORAL", "CausIRL_MMD"):
         hparams["mmd_gamma"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "GroupDRO":
         hparams["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
