@@ -478,6 +478,10 @@ def download(names: Sequence[str], data_dir: Path, fetcher: Fetcher | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``fishr-download DATASET [DATASET ...] --data-dir DIR [--check] [--from-archive FILE] [--retries N]``:
+    downloads (resuming, retrying, then trying mirrors) or, with ``--check``, only counts each dataset's tree
+    against ``published.PUBLISHED_IMAGES``; exit status 1 with an ``error: ...`` line when a download fails or
+    a domain is short, over-full or missing."""
     parser = argparse.ArgumentParser(
         prog="fishr-download",
         description="Download DomainBed's datasets for the training app (python train.py), resuming interrupted "
