@@ -34,6 +34,7 @@ class ArchiveServer:
         self.fail: dict[str, int] = {}
         self.drop: dict[str, list[int]] = {}
         self.log: list[tuple[str, int, int, int]] = []
+        self.ignore_range = False  # a server that always sends the whole file
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,41 +52,35 @@ class ArchiveServer:
         return f"http://127.0.0.1:{self.http.server_port}/{path}"
 
     def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        # Each answer is logged before its first byte is sent: the client's next request cannot overtake it.
         path = handler.path.lstrip("/")
-        if path not in self.files:
-            handler.send_response(404)
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            self.log.append((path, 0, 0, 404))
-            return
-        if self.fail.get(path, 0) > 0:
+        data = self.files.get(path)
+        asked = handler.headers["Range"]
+        first = int(asked.removeprefix("bytes=").rstrip("-")) if asked and not self.ignore_range else 0
+        headers: dict[str, str] = {}
+        body = b""
+        if data is None:
+            status = 404
+        elif self.fail.get(path, 0) > 0:
             self.fail[path] -= 1
-            handler.send_response(503)
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            self.log.append((path, 0, 0, 503))
-            return
-        data = self.files[path]
-        first = int(handler.headers["Range"].removeprefix("bytes=").rstrip("-")) if handler.headers["Range"] else 0
-        if first >= len(data) and first:
-            handler.send_response(416)
-            handler.send_header("Content-Range", f"bytes */{len(data)}")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            self.log.append((path, first, 0, 416))
-            return
-        status = 206 if first else 200
-        handler.send_response(status)
-        if first:
-            handler.send_header("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}")
-        handler.send_header("Content-Length", str(len(data) - first))
-        handler.end_headers()
-        body = data[first:]
-        if self.drop.get(path):
-            body = body[: self.drop[path].pop(0)]
+            status = 503
+        elif first and first >= len(data):
+            status, headers = 416, {"Content-Range": f"bytes */{len(data)}"}
+        else:
+            status = 206 if first else 200
+            if first:
+                headers["Content-Range"] = f"bytes {first}-{len(data) - 1}/{len(data)}"
+            body = data[first:]
+        headers["Content-Length"] = str(len(body))
+        if self.drop.get(path) and status in (200, 206):
+            body = body[: self.drop[path].pop(0)]  # fewer bytes than the Content-Length announces
             handler.close_connection = True
+        self.log.append((path, first if data is not None and status != 503 else 0, len(body), status))
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
         handler.wfile.write(body)
-        self.log.append((path, first, len(body), status))
 
     def close(self) -> None:
         self.http.shutdown()
@@ -193,6 +188,11 @@ def test_failed_attempts_are_retried_with_backoff_resumed_and_then_the_mirror(se
     (tmp_path / "again.bin.part").write_bytes(content)
     assert Fetcher().get(archive, tmp_path / "again.bin")[0].read_bytes() == content
     assert server.log[-1] == ("file.bin", len(content), 0, 416)
+    # A server that ignores the range request sends the whole file, which replaces the partial one.
+    server.ignore_range = True
+    (tmp_path / "whole.bin.part").write_bytes(b"stale bytes")
+    assert Fetcher().get(archive, tmp_path / "whole.bin")[0].read_bytes() == content
+    assert server.log[-1] == ("file.bin", 0, len(content), 200)
 
 
 def test_an_unreachable_source_exits_non_zero_with_what_to_do(monkeypatch, tmp_path, capsys):
@@ -234,7 +234,7 @@ def test_a_truncated_archive_is_removed_and_named_and_a_local_copy_is_read_and_k
     assert [len(domain) for domain in load_domains("PACS", data_dir).domains] == [7, 7, 7, 7]
     # A second run finds the tree complete and fetches nothing.
     download.main(["pacs", "--data-dir", str(data_dir)])
-    assert f"pacs: {data_dir / 'PACS'} is already complete (the test's tree); nothing to download" in (
+    assert f"pacs: {data_dir / 'PACS'} already has the published counts; nothing to download" in (
         capsys.readouterr().out
     )
 

@@ -35,7 +35,7 @@ from fishr_lightning.app.data.published import (
     count_mnist_images,
     count_on_disk,
 )
-from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, MNIST_DATASETS, DatasetSpec
+from fishr_lightning.app.data.specs import MNIST_DATASETS, DatasetSpec, dataset_spec
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,17 @@ TERRA_LABELS_FILE = "caltech_images_20210113.json"
 TERRA_LOCATIONS = ("38", "46", "100", "43")
 TERRA_CATEGORIES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
 
+# The datasets (DomainBed's class names) each ``fishr-download`` name provides: counted after the download
+# and by --check.
+DATASETS: dict[str, tuple[str, ...]] = {
+    "colored_mnist": ("ColoredMNIST",),
+    "rotated_mnist": ("RotatedMNIST",),
+    "vlcs": ("VLCS",),
+    "pacs": ("PACS",),
+    "office_home": ("OfficeHome",),
+    "terra_incognita": ("TerraIncognita",),
+    "domain_net": ("DomainNet",),
+}
 # What each dataset fetches (``--from-archive`` names), by its ``fishr-download`` name.
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
     "colored_mnist": MNIST,
@@ -362,12 +373,6 @@ DOWNLOADERS: dict[str, Callable[[Path, Fetcher], None]] = {
 # -- counts against the published ones ------------------------------------------------------------
 
 
-def spec_of(name: str) -> DatasetSpec:
-    """The dataset a ``fishr-download`` name stands for."""
-    (spec,) = [s for s in (*IMAGE_FOLDER_DATASETS.values(), *MNIST_DATASETS.values()) if s.download_name == name]
-    return spec
-
-
 def check_tree(spec: DatasetSpec, data_dir: Path) -> tuple[CountCheck | None, list[int | None]]:
     """``spec``'s tree under ``data_dir`` counted against its published counts."""
     found = count_on_disk(spec, data_dir)
@@ -404,15 +409,27 @@ def count_problem(spec: DatasetSpec, check: CountCheck) -> str:
     return f"{spec.name}: " + "; ".join(domain.describe() for domain in check.differing)
 
 
+def counted(name: str, data_dir: Path) -> tuple[list[str], list[str]]:
+    """The count lines and the problems (none: complete) of the datasets ``fishr-download name`` provides."""
+    lines, problems = [], []
+    for dataset in DATASETS[name]:
+        spec = dataset_spec(dataset)
+        result, found = check_tree(spec, data_dir)
+        lines += count_report(spec, data_dir, result, found)
+        if result is not None and not result.complete:
+            problems.append(count_problem(spec, result))
+        elif result is None and None in found:
+            problems.append(f"{spec.name}: {data_dir / spec.folder} lacks domains")
+    return lines, problems
+
+
 def check_datasets(names: Sequence[str], data_dir: Path) -> list[str]:
     """``fishr-download --check``: prints each tree's counts; returns the problems (empty: all complete)."""
     problems = []
     for name in dict.fromkeys(names):
-        spec = spec_of(name)
-        result, found = check_tree(spec, data_dir)
-        print("\n".join(count_report(spec, data_dir, result, found)))
-        if result is not None and not result.complete:
-            problems.append(count_problem(spec, result))
+        lines, problems_of_name = counted(name, data_dir)
+        print("\n".join(lines))
+        problems += [problem for problem in problems_of_name if problem not in problems]
     return problems
 
 
@@ -447,12 +464,11 @@ def download(names: Sequence[str], data_dir: Path, fetcher: Fetcher | None = Non
     done: set[Callable[[Path, Fetcher], None]] = set()
     for name in names:
         downloader = DOWNLOADERS[name]
-        spec = spec_of(name)
         if downloader in done:  # colored_mnist and rotated_mnist share MNIST
             continue
-        before, _ = check_tree(spec, data_dir)
-        if before is not None and before.complete:
-            print(f"{name}: {data_dir / spec.folder} is already complete ({before.version}); nothing to download")
+        if not counted(name, data_dir)[1]:
+            folders = ", ".join(dict.fromkeys(str(data_dir / dataset_spec(d).folder) for d in DATASETS[name]))
+            print(f"{name}: {folders} already has the published counts; nothing to download")
             done.add(downloader)
             continue
         print(f"Downloading {name} into {data_dir}")
@@ -466,13 +482,13 @@ def download(names: Sequence[str], data_dir: Path, fetcher: Fetcher | None = Non
             ) from None
         for transfer in fetcher.transfers[first:]:
             print(f"{name}: {transfer.describe()}")
-        result, found = check_tree(spec, data_dir)
-        print("\n".join(count_report(spec, data_dir, result, found)))
-        if result is not None and not result.complete:
+        lines, problems = counted(name, data_dir)
+        print("\n".join(lines))
+        if problems:
             raise AppError(
-                f"The extracted {count_problem(spec, result)}. The archive may be incomplete or another release: "
-                f"run the command again after moving {data_dir / spec.folder} away, or pass a complete copy with "
-                f"--from-archive FILE. The app trains on this tree as it is, with a warning."
+                f"The extracted {' '.join(problems)}. The archive may be incomplete or another release: run the "
+                "command again after moving the dataset's folder away, or pass a complete copy with --from-archive "
+                "FILE. The app trains on this tree as it is, with a warning."
             )
         done.add(downloader)
 
@@ -514,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         "--retries", type=int, default=RETRIES, help=f"attempts after the first, per URL (default {RETRIES})"
     )
     args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error(f"--retries {args.retries}: give 0 (one attempt per URL) or more")
     names = list(DOWNLOADERS) if "all" in args.datasets else args.datasets
     data_dir = args.data_dir.expanduser()
     try:
