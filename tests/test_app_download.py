@@ -222,6 +222,12 @@ def test_a_truncated_archive_is_removed_and_named_and_a_local_copy_is_read_and_k
     assert err.startswith("error: The downloaded PACS.zip is damaged (BadZipFile: ")
     assert "it was removed. Run the command again to download it afresh" in err
     assert not (data_dir / "PACS.zip").exists() and not (data_dir / "PACS.zip.part").exists()
+    server.files["PACS.zip"] = b"<!DOCTYPE html><html>Quota exceeded</html>"  # what Google Drive sends then
+    with pytest.raises(SystemExit):
+        download.main(["pacs", "--data-dir", str(data_dir)])
+    assert "(ValueError: the server sent a web page, not the archive; Google Drive does when its quota is spent)" in (
+        error_of(capsys.readouterr().err)
+    )
 
     # --from-archive: the user's own copy, under any name when the dataset needs a single archive; no network.
     server.files.clear()
@@ -229,7 +235,7 @@ def test_a_truncated_archive_is_removed_and_named_and_a_local_copy_is_read_and_k
     local.write_bytes(archive)
     download.main(["pacs", "--data-dir", str(data_dir), "--from-archive", str(local)])
     out = capsys.readouterr().out
-    assert f"pacs: PACS.zip from the local file {local}" in out and server.log[1:] == []
+    assert f"pacs: PACS.zip from the local file {local}" in out and len(server.log) == 2
     assert local.read_bytes() == archive  # read, never removed
     assert [len(domain) for domain in load_domains("PACS", data_dir).domains] == [7, 7, 7, 7]
     # A second run finds the tree complete and fetches nothing.

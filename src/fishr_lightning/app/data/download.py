@@ -278,6 +278,10 @@ def fetch_and_extract(fetcher: Fetcher, archive: Archive, destination: Path, int
 
 
 def damaged(archive: Archive, path: Path, downloaded: bool, error: Exception) -> AppError:
+    with path.open("rb") as file:
+        web_page = file.read(512).lstrip().lower().startswith((b"<!doctype html", b"<html"))
+    if web_page:  # Google Drive answers so when a file's download quota is exhausted
+        error = ValueError("the server sent a web page, not the archive; Google Drive does when its quota is spent")
     if downloaded:  # so that the next run downloads it afresh
         path.unlink(missing_ok=True)
         what = f"The downloaded {archive.name} is damaged ({type(error).__name__}: {error}); it was removed"
