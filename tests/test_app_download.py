@@ -262,6 +262,10 @@ def test_mnist_is_fetched_once_for_both_mnist_datasets_and_counted(monkeypatch, 
     for name in download.MNIST_FILES:
         assert f"colored_mnist: {name}.gz from {server.url(name + '.gz')} (" in out
     assert [len(d) for d in load_domains("ColoredMNIST", data_dir).domains] == [14, 14, 14]
+    # A cut images file counts the images it still holds (its idx header says 30).
+    images = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[: 16 + 20 * 28 * 28 + 100])
+    assert published.count_mnist_images(images.parent) == {"train-images-idx3-ubyte": 20, "t10k-images-idx3-ubyte": 12}
 
 
 def test_terra_incognita_is_sorted_into_locations_and_classes(monkeypatch, server, tmp_path):
@@ -339,8 +343,8 @@ def test_check_counts_an_existing_tree_and_names_the_short_and_the_missing_domai
     captured = capsys.readouterr()
     assert captured.err == (
         "error: PACS: P (photo) has 6 images, published 7 (short by 1); S (sketch) is missing (published: 7 "
-        f"images). Download again with `fishr-download pacs --data-dir {data_dir}` (after moving the incomplete "
-        "folders away).\n"
+        f"images). Download with `fishr-download pacs --data-dir {data_dir}`; the app trains on a tree as it is, "
+        "with a warning.\n"
     )
     assert "DIFFERS" in captured.out and "MISSING" in captured.out
     assert not (data_dir / "PACS.zip.part").exists()  # nothing was downloaded

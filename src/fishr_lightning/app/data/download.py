@@ -409,7 +409,9 @@ def count_report(spec: DatasetSpec, data_dir: Path, check: CountCheck | None, fo
     return lines
 
 
-def count_problem(spec: DatasetSpec, check: CountCheck) -> str:
+def count_problem(spec: DatasetSpec, check: CountCheck, data_dir: Path) -> str:
+    if all(domain.found is None for domain in check.domains):
+        return f"{spec.name}: {data_dir / spec.folder} is missing"
     return f"{spec.name}: " + "; ".join(domain.describe() for domain in check.differing)
 
 
@@ -421,7 +423,7 @@ def counted(name: str, data_dir: Path) -> tuple[list[str], list[str]]:
         result, found = check_tree(spec, data_dir)
         lines += count_report(spec, data_dir, result, found)
         if result is not None and not result.complete:
-            problems.append(count_problem(spec, result))
+            problems.append(count_problem(spec, result, data_dir))
         elif result is None and None in found:
             problems.append(f"{spec.name}: {data_dir / spec.folder} lacks domains")
     return lines, problems
@@ -490,7 +492,7 @@ def download(names: Sequence[str], data_dir: Path, fetcher: Fetcher | None = Non
         print("\n".join(lines))
         if problems:
             raise AppError(
-                f"The extracted {' '.join(problems)}. The archive may be incomplete or another release: run the "
+                f"The extracted {'. '.join(problems)}. The archive may be incomplete or another release: run the "
                 "command again after moving the dataset's folder away, or pass a complete copy with --from-archive "
                 "FILE. The app trains on this tree as it is, with a warning."
             )
@@ -543,8 +545,8 @@ def main(argv: list[str] | None = None) -> None:
             problems = check_datasets(names, data_dir)
             if problems:
                 raise AppError(
-                    f"{' '.join(problems)}. Download again with `fishr-download {' '.join(names)} --data-dir "
-                    f"{args.data_dir}` (after moving the incomplete folders away)."
+                    f"{'. '.join(problems)}. Download with `fishr-download {' '.join(names)} --data-dir "
+                    f"{args.data_dir}`; the app trains on a tree as it is, with a warning."
                 )
             return
         fetcher = Fetcher(local=local_archives(args.from_archive, names), retries=args.retries, backoff_s=BACKOFF_S)
