@@ -245,7 +245,7 @@ class Fetcher:
 def content_range(header: str) -> tuple[int, int | None]:
     """``bytes FIRST-LAST/TOTAL`` -> ``(FIRST, TOTAL)`` (``TOTAL`` ``None`` when the server writes ``*``)."""
     try:
-        unit, _, span = header.partition(" ")
+        _, _, span = header.partition(" ")  # "bytes", then the span
         first_last, _, total = span.partition("/")
         return int(first_last.split("-")[0]), None if total == "*" else int(total)
     except ValueError:
