@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fishr_lightning.app.data.fast_images import FastImageTransform
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV, BrokenImageError, ImageReader, open_image
+from fishr_lightning.app.data.published import DatasetCountWarning
 
 PACS_RUN = [
     "dataset=pacs",
@@ -110,8 +111,12 @@ def test_skip_broken_images_leaves_them_out_with_one_warning_and_counts_them(mon
             "data.skip_broken_images=true",
         )
     assert status == 0
-    skipped = [str(w.message) for w in caught if "skip_broken_images" in str(w.message)]
+    skipped = [str(w.message) for w in caught if "skip_broken_images=true" in str(w.message)]
     assert skipped == [f"data.skip_broken_images=true: 1 unreadable image(s) left out of the run: {broken}."]
+    # The generated tree is a subset of PACS: the run trains on it, with one warning naming each domain and
+    # both numbers (issue 28).
+    (counts,) = [str(w.message) for w in caught if issubclass(w.category, DatasetCountWarning)]
+    assert "A (art_painting) has 13 images, published 2,048 (short by 2,035); C (cartoon) has 14 images" in counts
     assert records(tmp_path / "run")[-1]["args"]["skipped_images"] == 1
 
 

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from fishr_lightning.app.data.image_folders import load_image_folder_domains
 from fishr_lightning.app.data.mnist import load_mnist_domains
+from fishr_lightning.app.data.published import DatasetCountWarning, compare_counts, differing_counts_warning
 from fishr_lightning.app.data.specs import MNIST_DATASETS, MultiDomainData, data_error, dataset_spec
 from fishr_lightning.app.data.synthetic import SAMPLES_PER_DOMAIN, synthetic_domains
 
 
+def warns_if_counts_differ(load: Callable[..., MultiDomainData]) -> Callable[..., MultiDomainData]:
+    """``load`` and then one warning (from the first process of a DDP run) when the domains' sizes differ from
+    the published ones (``published.PUBLISHED_IMAGES``, issue 28): a subset trains, but it is not the
+    published dataset. A decorator, so that every loader ``load_domains`` dispatches to is checked."""
+
+    @functools.wraps(load)
+    def load_and_check(name: str, data_dir: str | os.PathLike | None, *args, **kwargs) -> MultiDomainData:
+        data = load(name, data_dir, *args, **kwargs)
+        check = compare_counts(data.spec, [len(domain) for domain in data.domains])
+        if check is not None and not check.complete:
+            rank_zero_warn(differing_counts_warning(check, Path(data_dir).expanduser()), category=DatasetCountWarning)
+        return data
+
+    return load_and_check
+
+
+@warns_if_counts_differ
 def load_domains(
     name: str,
     data_dir: str | os.PathLike | None,
