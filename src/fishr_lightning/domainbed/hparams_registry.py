@@ -39,6 +39,9 @@ ALGORITHMS = (
     "IB_IRM",
     "CausIRL_CORAL",
     "CausIRL_MMD",
+    "EQRM",
+    "CAD",
+    "CondCAD",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -106,6 +109,12 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
             hparams["irm_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
         hparams["ib_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
         hparams["ib_penalty_anneal_iters"] = (500, lambda r: int(10 ** r.uniform(0, 4)))
+    elif algorithm in ("CAD", "CondCAD"):
+        hparams["lmbda"] = (1e-1, lambda r: float(r.choice([1e-4, 1e-3, 1e-2, 1e-1, 1, 1e1, 1e2])))
+        hparams["temperature"] = (0.1, lambda r: float(r.choice([0.05, 0.1])))
+        hparams["is_normalized"] = (False, lambda r: False)
+        hparams["is_project"] = (False, lambda r: False)
+        hparams["is_flipped"] = (True, lambda r: True)
     elif algorithm == "EQRM":  # burn-in drawn as a float, as DomainBed's registry draws it
         hparams["eqrm_quantile"] = (0.75, lambda r: float(r.uniform(0.5, 0.99)))
         hparams["eqrm_burnin_iters"] = (2500, lambda r: float(10 ** r.uniform(2.5, 3.5)))

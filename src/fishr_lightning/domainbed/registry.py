@@ -15,6 +15,8 @@ ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
     "IB_ERM": "information_bottleneck:IB_ERM",
     "IB_IRM": "information_bottleneck:IB_IRM",
+    "CAD": "cad:CAD",
+    "CondCAD": "cad:CondCAD",
     "CausIRL_CORAL": "causirl:CausIRL_CORAL",
     "CausIRL_MMD": "causirl:CausIRL_MMD",
     "EQRM": "eqrm:EQRM",
