@@ -42,6 +42,7 @@ ALGORITHMS = (
     "EQRM",
     "CAD",
     "CondCAD",
+    "URM",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -119,6 +120,17 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["eqrm_quantile"] = (0.75, lambda r: float(r.uniform(0.5, 0.99)))
         hparams["eqrm_burnin_iters"] = (2500, lambda r: float(10 ** r.uniform(2.5, 3.5)))
         hparams["eqrm_lr"] = (1e-6, lambda r: float(10 ** r.uniform(-7, -5)))
+    elif algorithm == "URM":
+        hparams["urm"] = ("adversarial", lambda r: str(r.choice(["adversarial"])))
+        hparams["urm_adv_lambda"] = (0.1, lambda r: float(r.uniform(0, 0.2)))
+        hparams["urm_discriminator_label_smoothing"] = (0, lambda r: float(r.uniform(0, 0)))
+        hparams["urm_discriminator_optimizer"] = ("adam", lambda r: str(r.choice(["adam"])))
+        hparams["urm_discriminator_hidden_layers"] = (1, lambda r: int(r.choice([1, 2, 3])))
+        hparams["urm_generator_output"] = ("tanh", lambda r: str(r.choice(["tanh", "relu"])))
+        if small:
+            hparams["urm_discriminator_lr"] = (1e-3, lambda r: float(10 ** r.uniform(-5.5, -3.5)))
+        else:
+            hparams["urm_discriminator_lr"] = (5e-5, lambda r: float(10 ** r.uniform(-6, -4.5)))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 

@@ -25,12 +25,13 @@ class MLP(nn.Module):
         self.hiddens = nn.ModuleList([nn.Linear(width, width) for _ in range(hparams["mlp_depth"] - 2)])
         self.output = nn.Linear(width, n_outputs)
         self.n_outputs = n_outputs
+        self.activation = nn.Identity()  # DomainBed's: URM sets its generator's output activation here
 
     def forward(self, x_ND: Tensor) -> Tensor:
         x = F.relu(self.dropout(self.input(x_ND)))
         for hidden in self.hiddens:
             x = F.relu(self.dropout(hidden(x)))
-        return self.output(x)
+        return self.activation(self.output(x))
 
 
 class MNIST_CNN(nn.Module):  # noqa: N801 (DomainBed's name)
@@ -49,13 +50,14 @@ class MNIST_CNN(nn.Module):  # noqa: N801 (DomainBed's name)
         self.bn1 = nn.GroupNorm(8, 128)
         self.bn2 = nn.GroupNorm(8, 128)
         self.bn3 = nn.GroupNorm(8, 128)
+        self.activation = nn.Identity()  # DomainBed's: URM sets its generator's output activation here
 
     def forward(self, x_NCHW: Tensor) -> Tensor:
         x = self.bn0(F.relu(self.conv1(x_NCHW)))
         x = self.bn1(F.relu(self.conv2(x)))
         x = self.bn2(F.relu(self.conv3(x)))
         x = self.bn3(F.relu(self.conv4(x)))
-        return x.mean(dim=(2, 3))
+        return self.activation(x.mean(dim=(2, 3)))
 
 
 class ResNet(nn.Module):
@@ -77,10 +79,11 @@ class ResNet(nn.Module):
                 self.network.conv1.weight.data[:, channel] = filters[:, channel % 3]
         self.freeze_bn = bool(hparams.get("freeze_bn", True))
         self.dropout = nn.Dropout(hparams.get("resnet_dropout", 0.0))
+        self.activation = nn.Identity()  # DomainBed's: URM sets its generator's output activation here
         self.train()
 
     def forward(self, x_NCHW: Tensor) -> Tensor:
-        return self.dropout(self.network(x_NCHW))
+        return self.activation(self.dropout(self.network(x_NCHW)))
 
     def train(self, mode: bool = True) -> ResNet:
         super().train(mode)
