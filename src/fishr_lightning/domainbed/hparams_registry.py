@@ -43,6 +43,7 @@ ALGORITHMS = (
     "CAD",
     "CondCAD",
     "URM",
+    "ERMPlusPlus",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -120,6 +121,11 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["eqrm_quantile"] = (0.75, lambda r: float(r.uniform(0.5, 0.99)))
         hparams["eqrm_burnin_iters"] = (2500, lambda r: float(10 ** r.uniform(2.5, 3.5)))
         hparams["eqrm_lr"] = (1e-6, lambda r: float(10 ** r.uniform(-7, -5)))
+    elif algorithm == "ERMPlusPlus":
+        hparams["linear_lr"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
+        if protocol == "classic":  # ERM++ is DomainBed's since 2024: its common keys, BatchNorm frozen as classic
+            hparams.update({name: PROTOCOL_2024_HPARAMS[name] for name in ("lars", "linear_steps")})
+            hparams["freeze_bn"] = (True, lambda r: True)
     elif algorithm == "URM":
         hparams["urm"] = ("adversarial", lambda r: str(r.choice(["adversarial"])))
         hparams["urm_adv_lambda"] = (0.1, lambda r: float(r.uniform(0, 0.2)))

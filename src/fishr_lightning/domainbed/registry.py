@@ -13,6 +13,7 @@ from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "ERMPlusPlus": "ermplusplus:ERMPlusPlus",
     "IB_ERM": "information_bottleneck:IB_ERM",
     "IB_IRM": "information_bottleneck:IB_IRM",
     "CAD": "cad:CAD",
