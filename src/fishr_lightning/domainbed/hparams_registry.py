@@ -44,6 +44,7 @@ ALGORITHMS = (
     "CondCAD",
     "URM",
     "ERMPlusPlus",
+    "ADRMX",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -137,6 +138,16 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
             hparams["urm_discriminator_lr"] = (1e-3, lambda r: float(10 ** r.uniform(-5.5, -3.5)))
         else:
             hparams["urm_discriminator_lr"] = (5e-5, lambda r: float(10 ** r.uniform(-6, -4.5)))
+    elif algorithm == "ADRMX":
+        hparams["cnt_lambda"] = (1.0, lambda r: float(r.choice([1.0])))
+        hparams["dclf_lambda"] = (1.0, lambda r: float(r.choice([1.0])))
+        hparams["disc_lambda"] = (0.75, lambda r: float(r.choice([0.75])))
+        hparams["rmxd_lambda"] = (1.0, lambda r: float(r.choice([1.0])))
+        hparams["d_steps_per_g_step"] = (2, lambda r: int(r.choice([2])))
+        hparams["beta1"] = (0.5, lambda r: float(r.choice([0.5])))
+        hparams["mlp_width"] = (256, lambda r: int(r.choice([256])))
+        hparams["mlp_depth"] = (9, lambda r: int(r.choice([8, 9, 10])))
+        hparams["mlp_dropout"] = (0.0, lambda r: float(r.choice([0])))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 
@@ -151,6 +162,11 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5)))
         else:
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5.5)))
+    if algorithm == "ADRMX":  # DomainBed's own learning-rate grid for ADRMX
+        if small:
+            hparams["lr"] = (3e-3, lambda r: float(r.choice([5e-4, 1e-3, 2e-3, 3e-3])))
+        else:
+            hparams["lr"] = (3e-5, lambda r: float(r.choice([2e-5, 3e-5, 4e-5, 5e-5])))
     return hparams
 
 

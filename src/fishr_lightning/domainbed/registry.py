@@ -21,6 +21,7 @@ ALGORITHM_CLASSES: dict[str, str] = {
     "CausIRL_CORAL": "causirl:CausIRL_CORAL",
     "CausIRL_MMD": "causirl:CausIRL_MMD",
     "EQRM": "eqrm:EQRM",
+    "ADRMX": "adrmx:ADRMX",
     "URM": "urm:URM",
 }
 
