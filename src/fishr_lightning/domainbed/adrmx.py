@@ -153,8 +153,8 @@ class ADRMX(DomainBedAlgorithm):
         self.step("opt")
         return {
             "loss_total": gen_loss.item(),
-            "loss_cnt_int": float(cnt_loss_int),
-            "loss_cnt_final": float(cnt_loss_final),
+            "loss_cnt_int": float(torch.as_tensor(cnt_loss_int).detach()),
+            "loss_cnt_final": float(torch.as_tensor(cnt_loss_final).detach()),
             "loss_clf_int": classifier_loss_int.item(),
             "loss_clf_fin": classifier_loss_final.item(),
             "loss_dmn": classifier_loss_domain.item(),
