@@ -42,6 +42,11 @@ TERRA_LABELS_URL = "https://lilablobssc.blob.core.windows.net/caltechcameratraps
 TERRA_LABELS_FILE = "caltech_images_20210113.json"
 TERRA_LOCATIONS = ("38", "46", "100", "43")
 TERRA_CATEGORIES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
+# WILDS' archives (the `wilds` package's download_url, release 2.0), extracted where it extracts them (issue 28).
+WILDS_ARCHIVES = {
+    "camelyon17_v1.0": "https://worksheets.codalab.org/rest/bundles/0xe45e15f39fb54e9d9e919556af67aabe/contents/blob/",
+    "fmow_v1.1": "https://worksheets.codalab.org/rest/bundles/0xaec91eb7c9d548ebb15e1b5e60f966ab/contents/blob/",
+}
 
 
 def fetch(url: str, destination: Path) -> Path:
@@ -133,6 +138,16 @@ def download_terra_incognita(data_dir: Path) -> None:
     labels_file.unlink()
 
 
+def download_wilds(folder: str) -> Callable[[Path], None]:
+    """WILDS' ``<dataset>_v<version>`` folder as the ``wilds`` package downloads it (10.7 GB for Camelyon17,
+    53.9 GB for FMoW): its archive extracted into the folder."""
+
+    def download(data_dir: Path) -> None:
+        fetch_and_extract(WILDS_ARCHIVES[folder], data_dir / folder / "archive.tar.gz", data_dir / folder)
+
+    return download
+
+
 DOWNLOADERS: dict[str, Callable[[Path], None]] = {
     "colored_mnist": download_mnist,
     "rotated_mnist": download_mnist,
@@ -141,6 +156,8 @@ DOWNLOADERS: dict[str, Callable[[Path], None]] = {
     "office_home": download_office_home,
     "terra_incognita": download_terra_incognita,
     "domain_net": download_domain_net,
+    "wilds_camelyon": download_wilds("camelyon17_v1.0"),
+    "wilds_fmow": download_wilds("fmow_v1.1"),
 }
 
 
