@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.fast_images import FastImageTransform, UInt8Images
 from fishr_lightning.app.data.images import ImageReader
+from fishr_lightning.app.data.wilds_metadata import count_wilds_images
 from fishr_lightning.app.training.hparams import default_hparams, random_hparams
 
 
@@ -43,6 +45,9 @@ def test_camelyon17_has_domainbeds_five_hospitals_with_their_patches_in_metadata
     assert data.spec.environments == ("hospital_0", "hospital_1", "hospital_2", "hospital_3", "hospital_4")
     assert data.domains[0].samples[1][0].endswith("patient_010_node_4/patch_patient_010_node_4_x_2176_y_12576.png")
     assert data.spec.num_classes == 2 and data.class_names == ["no_tumor", "tumor"]
+    # The metadata lists every file: a tree's completeness is the files of it that exist (fishr-download --check).
+    Path(expected[2][1][0]).unlink()
+    assert count_wilds_images(data.spec, tmp_path) == [3, 2, 2, 2, 2]
 
 
 def test_fmow_has_domainbeds_six_regions_numbered_as_wilds_numbers_them(tmp_path):
