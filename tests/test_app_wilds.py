@@ -24,6 +24,7 @@ from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.fast_images import FastImageTransform, UInt8Images
 from fishr_lightning.app.data.images import ImageReader
 from fishr_lightning.app.data.wilds_metadata import count_wilds_images
+from fishr_lightning.app.reporting.collect import _dataset_order, environment_labels
 from fishr_lightning.app.training.hparams import default_hparams, random_hparams
 
 
@@ -190,3 +191,10 @@ def test_the_wilds_datasets_take_domainbeds_large_image_hyperparameters(dataset)
     assert default_hparams("Fishr", dataset) == default_hparams("Fishr", "PACS")
     assert default_hparams("ERM", dataset)["lr"] == 5e-5 and default_hparams("ERM", dataset)["batch_size"] == 32
     assert random_hparams("Fishr", dataset, 7) == random_hparams("Fishr", "PACS", 7)
+
+
+def test_fishr_collect_names_their_domains_and_orders_them_as_domainbeds_datasets_list():
+    assert environment_labels("WILDSCamelyon", 5) == [f"hospital_{i}" for i in range(5)]
+    # DomainBed's datasets.DATASETS: ..., DomainNet, SVIRO, WILDSCamelyon, WILDSFMoW, then the Spawrious ones.
+    names = ["SpawriousO2O_easy", "WILDSFMoW", "PACS", "WILDSCamelyon", "DomainNet"]
+    assert sorted(names, key=_dataset_order) == ["PACS", "DomainNet", "WILDSCamelyon", "WILDSFMoW", "SpawriousO2O_easy"]

@@ -66,6 +66,8 @@ DATASET_ORDER = [
     "OfficeHome",
     "TerraIncognita",
     "DomainNet",
+    "WILDSCamelyon",
+    "WILDSFMoW",
 ]
 
 
