@@ -151,8 +151,16 @@ def rewrite_camelyon_metadata(root, keep) -> None:
             lambda root: (root / "rgb_metadata.csv").write_text("split,category\nseq,zoo\n"),
             "rgb_metadata.csv lacks the column(s) ['country_code'] (it has ['split', 'category']).",
         ),
+        (
+            "WILDSCamelyon",
+            lambda root: (root / "metadata.csv").write_text(
+                (root / "metadata.csv").read_text().replace(",3328,", ",3328.5,")
+            ),
+            "metadata.csv, row 1: node='4', x_coord='3328.5', y_coord='21792', tumor='1', center='0': not all of them "
+            "are integers.",
+        ),
     ],
-    ids=["no_folder", "a_hospital_missing", "patches_elsewhere", "no_country_mapping", "a_column_missing"],
+    ids=["no_folder", "a_hospital_missing", "patches_elsewhere", "no_country_mapping", "a_column_missing", "a_float"],
 )
 def test_a_tree_out_of_the_wilds_layout_is_named_with_the_layout_and_the_download_command(
     tmp_path, name, spoil, needle
