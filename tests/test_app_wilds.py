@@ -55,7 +55,8 @@ def test_fmow_has_domainbeds_six_regions_numbered_as_wilds_numbers_them(tmp_path
     data = load_domains("WILDSFMoW", write_fmow(tmp_path), image_size=32, pipeline="domainbed")
     # Regions in the order they first appear in rgb_metadata.csv, sequestered rows included (row 0 names Asia):
     # Asia, Europe, Africa, Americas, Oceania, Other; the sequestered rows 0 and 6 are no sample but count
-    # in the files' numbers; labels are the indices in WILDS' list of 62 categories.
+    # in the files' numbers; labels are the indices in WILDS' list of 62 categories. Rows 4 and 11 (training
+    # rows of 2014 and 2013, which WILDS' time windows leave out of its splits) are samples, as in DomainBed.
     expected = [
         [(3, 0), (12, 39)],  # Asia: airport, prison
         [(1, 61), (13, 44)],  # Europe: zoo, runway
