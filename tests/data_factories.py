@@ -299,8 +299,8 @@ def write_fmow(data_dir: Path, size: int = 24) -> Path:
     for row, (split, category, country) in enumerate(FMOW_ROWS):
         name = f"{category}_{row}_0_rgb.jpg"
         lines.append(
-            f"{split},{name},{split}/{category}/{category}_{row}/{name},WGS84,4326,{category},True,{size},{size},{country},0,"
-            f"201{row % 8}-03-0{1 + row % 9}T10:00:00Z,{row}.5,-{row}.25"
+            f"{split},{name},{split}/{category}/{category}_{row}/{name},WGS84,4326,{category},True,{size},{size},"
+            f"{country},0,201{row % 8}-03-0{1 + row % 9}T10:00:00Z,{row}.5,-{row}.25"
         )
         pixels = np.full((size, size, 3), (15 * row, 4 * len(category), 100), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "images" / f"rgb_img_{row}.png")

@@ -86,7 +86,7 @@ MNIST_DATASETS = {
 }
 
 
-# WILDS' Camelyon17 and FMoW, as DomainBed reads them (issue 28): domains from WILDS' metadata (``wilds_datasets.py``),
+# WILDS' Camelyon17 and FMoW, as DomainBed reads them (issue 28): domains from WILDS' metadata (``wilds_metadata.py``),
 # the folder named as the ``wilds`` package names it (``<dataset>_v<version>``).
 WILDS_DATASETS = {
     "WILDSCamelyon": DatasetSpec(

@@ -20,10 +20,12 @@ module reads from the same CSV files by the same rules (``wilds`` 2.0's ``camely
 
 WILDS' own train/validation/test splits are not used, as in DomainBed: every sample of a domain is split
 into in and out by ``trial_seed`` as for every other dataset (FMoW's rows that WILDS' time windows leave out
-of its five splits included: DomainBed's ``WILDSEnvironment`` reads every row of ``metadata_array``). Reading the CSVs directly keeps the app free of
-``wilds``' dependencies (pandas, ogb, scikit-learn, scipy, outdated, which checks PyPI for a newer version
-at import) for what is three columns of a CSV file. ``tests/test_app_wilds.py`` checks the rules on files in
-these layouts (on which DomainBed's own classes, through ``wilds`` 2.0, read the same samples and tensors).
+of its five splits included: DomainBed's ``WILDSEnvironment`` reads every row of ``metadata_array``).
+
+Reading the CSVs directly keeps the app free of ``wilds``' dependencies (pandas, ogb, scikit-learn, scipy,
+outdated, which checks PyPI for a newer version at import) for what is three columns of a CSV file.
+``tests/test_app_wilds.py`` checks the rules on files in these layouts (on which DomainBed's own classes,
+through ``wilds`` 2.0, read the same samples and tensors).
 """
 
 from __future__ import annotations
