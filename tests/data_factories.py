@@ -209,3 +209,100 @@ def write_image_of_kind(path: Path, kind: str, width: int, height: int, seed: in
     else:
         image.save(path, quality=90)
     return path
+
+
+# -- WILDS' Camelyon17 and FMoW, as the `wilds` package lays them out (issue 28) ----------------------
+
+# metadata.csv's rows: (patient, node, x_coord, y_coord, tumor, slide, center), deliberately not in the
+# order of the files' names (the domains keep the file's order); patient ids are zero-padded as WILDS'.
+CAMELYON_ROWS = [
+    ("004", 4, 3328, 21792, 1, 0, 0),
+    ("010", 4, 2176, 12576, 0, 3, 0),
+    ("021", 2, 960, 20064, 1, 11, 1),
+    ("004", 4, 1312, 14112, 0, 0, 0),
+    ("039", 1, 8224, 15200, 0, 20, 2),
+    ("021", 2, 992, 20000, 0, 11, 1),
+    ("046", 3, 12064, 30816, 1, 25, 3),
+    ("068", 1, 4640, 26112, 1, 38, 4),
+    ("039", 1, 8192, 15232, 1, 20, 2),
+    ("046", 4, 21312, 19744, 0, 26, 3),
+    ("039", 1, 8256, 15168, 0, 20, 2),
+    ("075", 4, 11808, 7392, 0, 49, 4),
+]
+
+
+def write_camelyon(data_dir: Path, size: int = 24) -> Path:
+    """``data_dir/camelyon17_v1.0/``: WILDS' ``metadata.csv`` (an unnamed index column first, as WILDS ships it)
+    and one ``size``² PNG per row under ``patches/``; returns ``data_dir``."""
+    from PIL import Image
+
+    root = Path(data_dir) / "camelyon17_v1.0"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "RELEASE_v1.0.txt").write_text("v1.0\n")
+    lines = [",patient,node,x_coord,y_coord,tumor,slide,center,split"]
+    for index, (patient, node, x, y, tumor, slide, center) in enumerate(CAMELYON_ROWS):
+        lines.append(f"{index},{patient},{node},{x},{y},{tumor},{slide},{center},{0 if center in (0, 3, 4) else 1}")
+        folder = root / "patches" / f"patient_{patient}_node_{node}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((size, size, 3), (40 + 50 * center, 200 * tumor, 20 * index % 256), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"patch_patient_{patient}_node_{node}_x_{x}_y_{y}.png")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return Path(data_dir)
+
+
+# country_code_mapping.csv's columns as WILDS ships it (the ISO 3166 table with UN regions); Namibia's alpha-2
+# "NA" is pandas' missing value, harmless in a column WILDS does not read.
+FMOW_COUNTRIES = [
+    ("Nigeria", "NG", "NGA", "Africa"),
+    ("France", "FR", "FRA", "Europe"),
+    ("Japan", "JP", "JPN", "Asia"),
+    ("Brazil", "BR", "BRA", "Americas"),
+    ("Namibia", "NA", "NAM", "Africa"),
+    ("Fiji", "FJ", "FJI", "Oceania"),
+    ("United States of America", "US", "USA", "Americas"),
+]
+# rgb_metadata.csv's rows: (split, category, country_code). The regions first appear in the order Asia,
+# Europe, Africa, Americas, Oceania, Other (a sequestered row first names Asia; "" and a code the mapping
+# lacks are Other); images/rgb_img_<row>.png counts the sequestered rows, which are no sample.
+FMOW_ROWS = [
+    ("seq", "airport", "JPN"),
+    ("train", "zoo", "FRA"),
+    ("train", "port", "NAM"),
+    ("val", "airport", "JPN"),
+    ("train", "dam", "BRA"),
+    ("test", "barn", "FJI"),
+    ("seq", "park", "FRA"),
+    ("train", "multi-unit_residential", ""),
+    ("id_val", "airport_hangar", "NGA"),
+    ("train", "wind_farm", "USA"),
+    ("id_test", "helipad", "XKX"),
+    ("train", "tower", "FJI"),
+    ("train", "prison", "JPN"),
+    ("test", "runway", "FRA"),
+]
+
+
+def write_fmow(data_dir: Path, size: int = 24) -> Path:
+    """``data_dir/fmow_v1.1/``: WILDS' ``rgb_metadata.csv``, ``country_code_mapping.csv`` and one ``size``² PNG
+    per row, sequestered ones included, as ``images/rgb_img_<row>.png``; returns ``data_dir``."""
+    from PIL import Image
+
+    root = Path(data_dir) / "fmow_v1.1"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "RELEASE_v1.1.txt").write_text("v1.1\n")
+    mapping = ["name,alpha-2,alpha-3,country-code,iso_3166-2,region,sub-region"]
+    for number, (name, alpha2, alpha3, region) in enumerate(FMOW_COUNTRIES):
+        mapping.append(f'"{name}",{alpha2},{alpha3},{number:03d},ISO 3166-2:{alpha2},{region},-')
+    (root / "country_code_mapping.csv").write_text("\n".join(mapping) + "\n")
+    lines = ["split,img_filename,img_path,spatial_reference,epsg,category,visible,img_width,img_height,country_code,"
+             "cloud_cover,timestamp,lat,lon"]  # fmt: skip
+    for row, (split, category, country) in enumerate(FMOW_ROWS):
+        name = f"{category}_{row}_0_rgb.jpg"
+        lines.append(
+            f"{split},{name},{split}/{category}/{category}_{row}/{name},WGS84,4326,{category},True,{size},{size},"
+            f"{country},0,201{row % 8}-03-0{1 + row % 9}T10:00:00Z,{row}.5,-{row}.25"
+        )
+        pixels = np.full((size, size, 3), (15 * row, 4 * len(category), 100), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"rgb_img_{row}.png")
+    (root / "rgb_metadata.csv").write_text("\n".join(lines) + "\n")
+    return Path(data_dir)

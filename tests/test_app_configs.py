@@ -23,6 +23,8 @@ DATASETS = [
     "office_home",
     "terra_incognita",
     "domain_net",
+    "wilds_camelyon",
+    "wilds_fmow",
 ]
 BACKBONES = ["resnet50", "resnet18", "mnist_cnn", "mlp"]
 # timm's (tests/test_timm_backbones.py composes and builds each of them)
@@ -73,7 +75,8 @@ def test_every_group_offers_the_documented_menu():
 
 # Every dataset x backbone with ERM and Fishr; the comparison set's configs on two of them (composing is
 # independent of the dataset, and each composition costs ~0.2 s).
-COMBINATIONS = list(itertools.product(DATASETS, BACKBONES, ALGORITHMS[:2])) + [
+# The datasets of issue 28 compose as the others (test_the_wilds_datasets_take_domainbeds_steps_and_backbone).
+COMBINATIONS = list(itertools.product(DATASETS[:8], BACKBONES, ALGORITHMS[:2])) + [
     (dataset, backbone, algorithm)
     for dataset, backbone in (("synthetic", "mlp"), ("pacs", "resnet50"))
     for algorithm in ALGORITHMS[2:]
@@ -117,6 +120,15 @@ def test_each_dataset_defaults_to_domainbeds_backbone(dataset, backbone):
     cfg = compose_train([f"dataset={dataset}"])
     expected = compose_train([f"dataset={dataset}", f"backbone={backbone}"])
     assert OmegaConf.to_container(cfg.backbone) == OmegaConf.to_container(expected.backbone)
+
+
+@pytest.mark.parametrize(("dataset", "name"), [("wilds_camelyon", "WILDSCamelyon"), ("wilds_fmow", "WILDSFMoW")])
+def test_the_wilds_datasets_take_domainbeds_steps_and_backbone(dataset, name):
+    # DomainBed's WILDSDataset sets neither N_STEPS nor CHECKPOINT_FREQ: MultipleDomainDataset's 5001 and 100.
+    cfg = compose_train([f"dataset={dataset}", "algorithm=fishr"])
+    assert cfg.dataset.name == name and (cfg.steps, cfg.checkpoint_freq) == (5001, 100)
+    assert cfg.backbone._target_.endswith(".ResNetFeaturizer") and cfg.backbone.depth == 50 and cfg.backbone.pretrained
+    assert cfg.dataset.image_size == 224 and dataset_spec(name).download_name == dataset
 
 
 def test_resnets_are_pretrained_with_frozen_batchnorm_and_a_local_weights_option():

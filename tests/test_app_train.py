@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factories import write_mnist, write_pacs
+from data_factories import write_camelyon, write_mnist, write_pacs
 from hydra.core.global_hydra import GlobalHydra
 
 from fishr_lightning.app import AppError
@@ -109,12 +109,23 @@ def test_synthetic_fishr_run_writes_domainbed_records_with_the_penalty(monkeypat
     assert_logged_accuracies(run_dir, records(run_dir), "acc", 3, train_envs=[1, 2])
 
 
-def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
-    data_dir, run_dir = write_pacs(tmp_path / "data", images_per_class=3, size=20), tmp_path / "run"
+@pytest.mark.parametrize(
+    ("dataset", "name", "num_domains", "write", "holdout_fraction"),
+    [
+        ("pacs", "PACS", 4, lambda data_dir: write_pacs(data_dir, images_per_class=3, size=20), 0.2),
+        # PNGs listed by WILDS' metadata, 2 or 3 per hospital: half of them out (issue 28)
+        ("wilds_camelyon", "WILDSCamelyon", 5, write_camelyon, 0.5),
+    ],
+)
+def test_pacs_image_folder_run_with_resnet18(
+    monkeypatch, tmp_path, dataset, name, num_domains, write, holdout_fraction
+):
+    data_dir, run_dir = write(tmp_path / "data"), tmp_path / "run"
     status = run_app(
         monkeypatch,
         run_dir,
-        "dataset=pacs",
+        f"dataset={dataset}",
+        f"holdout_fraction={holdout_fraction}",
         "algorithm=erm",
         f"data_dir={data_dir}",
         "backbone=resnet18",
@@ -128,7 +139,7 @@ def test_pacs_image_folder_run_with_resnet18(monkeypatch, tmp_path):
         "test_envs=[3]",
     )
     assert status == 0
-    assert_domainbed_records(run_dir, 4, [0, 1], "PACS", "ERM")
+    assert_domainbed_records(run_dir, num_domains, [0, 1], name, "ERM")
     assert records(run_dir)[-1]["args"]["test_envs"] == [3] and records(run_dir)[-1]["hparams"]["resnet18"] is True
     assert records(run_dir)[-1]["args"]["data_pipeline"] == "fast"  # the default (issue 20)
 

@@ -12,8 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from fishr_lightning.app.data.image_folders import load_image_folder_domains
 from fishr_lightning.app.data.mnist import load_mnist_domains
 from fishr_lightning.app.data.published import DatasetCountWarning, compare_counts, differing_counts_warning
-from fishr_lightning.app.data.specs import MNIST_DATASETS, MultiDomainData, data_error, dataset_spec
+from fishr_lightning.app.data.specs import MNIST_DATASETS, WILDS_DATASETS, MultiDomainData, data_error, dataset_spec
 from fishr_lightning.app.data.synthetic import SAMPLES_PER_DOMAIN, synthetic_domains
+from fishr_lightning.app.data.wilds_datasets import load_wilds_domains
 
 
 def warns_if_counts_differ(load: Callable[..., MultiDomainData]) -> Callable[..., MultiDomainData]:
@@ -48,7 +49,7 @@ def load_domains(
     """Every domain of dataset ``name`` (DomainBed's class name). ``seed`` drives the random parts of
     the generated and MNIST datasets (shuffle, label noise, colours) through a local generator;
     ``samples_per_domain`` sizes the synthetic dataset; ``skip_broken_images`` leaves unreadable image
-    files out of the image-folder datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
+    files out of the image datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
     ``domainbed``), ``decode`` (``cpu`` or ``device``) and ``finish`` (``auto``, ``device``, ``workers``) are the
     image folders' (``image_folders.py``)."""
     spec = dataset_spec(name)
@@ -59,4 +60,6 @@ def load_domains(
     data_dir = Path(data_dir).expanduser()
     if spec.name in MNIST_DATASETS:
         return load_mnist_domains(spec, data_dir, seed)
+    if spec.name in WILDS_DATASETS:
+        return load_wilds_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)
     return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)

@@ -87,6 +87,17 @@ TERRA_LABELS = Archive(
 TERRA_LABELS_FILE = "caltech_images_20210113.json"
 TERRA_LOCATIONS = ("38", "46", "100", "43")
 TERRA_CATEGORIES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
+# WILDS' archives (the `wilds` package's download_url, release 2.0), extracted where it extracts them (issue 28).
+WILDS_ARCHIVES = {
+    "camelyon17_v1.0": Archive(
+        "camelyon17_v1.0.tar.gz",
+        ("https://worksheets.codalab.org/rest/bundles/0xe45e15f39fb54e9d9e919556af67aabe/contents/blob/",),
+    ),
+    "fmow_v1.1": Archive(
+        "fmow_v1.1.tar.gz",
+        ("https://worksheets.codalab.org/rest/bundles/0xaec91eb7c9d548ebb15e1b5e60f966ab/contents/blob/",),
+    ),
+}
 
 # The datasets (DomainBed's class names) each ``fishr-download`` name provides: counted after the download
 # and by --check.
@@ -98,6 +109,8 @@ DATASETS: dict[str, tuple[str, ...]] = {
     "office_home": ("OfficeHome",),
     "terra_incognita": ("TerraIncognita",),
     "domain_net": ("DomainNet",),
+    "wilds_camelyon": ("WILDSCamelyon",),
+    "wilds_fmow": ("WILDSFMoW",),
 }
 # What each dataset fetches (``--from-archive`` names), by its ``fishr-download`` name.
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
@@ -108,6 +121,8 @@ ARCHIVES: dict[str, tuple[Archive, ...]] = {
     "office_home": (OFFICE_HOME,),
     "terra_incognita": (TERRA_IMAGES, TERRA_LABELS),
     "domain_net": (*DOMAIN_NET, DOMAIN_NET_DUPLICATES),
+    "wilds_camelyon": (WILDS_ARCHIVES["camelyon17_v1.0"],),
+    "wilds_fmow": (WILDS_ARCHIVES["fmow_v1.1"],),
 }
 
 RETRIES = 5  # attempts after the first, per URL
@@ -363,6 +378,17 @@ def download_terra_incognita(data_dir: Path, fetcher: Fetcher) -> None:
     labels_file.unlink()
 
 
+def download_wilds(folder: str) -> Callable[[Path, Fetcher], None]:
+    """WILDS' ``<dataset>_v<version>`` folder as the ``wilds`` package downloads it (10.7 GB for Camelyon17,
+    53.9 GB for FMoW): its archive extracted into the folder."""
+
+    def download(data_dir: Path, fetcher: Fetcher) -> None:
+        archive = WILDS_ARCHIVES[folder]
+        fetch_and_extract(fetcher, archive, data_dir / folder / archive.name, data_dir / folder)
+
+    return download
+
+
 DOWNLOADERS: dict[str, Callable[[Path, Fetcher], None]] = {
     "colored_mnist": download_mnist,
     "rotated_mnist": download_mnist,
@@ -371,6 +397,8 @@ DOWNLOADERS: dict[str, Callable[[Path, Fetcher], None]] = {
     "office_home": download_office_home,
     "terra_incognita": download_terra_incognita,
     "domain_net": download_domain_net,
+    "wilds_camelyon": download_wilds("camelyon17_v1.0"),
+    "wilds_fmow": download_wilds("fmow_v1.1"),
 }
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision import transforms
 
-from fishr_lightning.app.data.images import ImageReader
+from fishr_lightning.app.data.images import ImageReader, decode_rgb
 
 # DomainBed's training augmentation (domainbed/datasets.py), the parameters of the fast path's draws.
 CROP_SCALE = (0.7, 1.0)
@@ -179,26 +179,41 @@ class FastImageTransform:
             seeds per sample); False: evaluation's ``Resize((size, size))`` only.
         decode_on_device: leave baseline RGB and greyscale JPEGs to the device (``data.decode=device``);
             other files (PNG, CMYK, progressive JPEGs) are still decoded here.
+        resize_first: decode the whole file and resize it to ``output_size²`` before the augmentation, whose
+            crop is then drawn on that square, as DomainBed's WILDS datasets (``Resize`` before
+            ``RandomResizedCrop``: the same crop boxes and the same PIL crop and resize; issue 28).
     """
 
     def __init__(
-        self, output_size: int, augment: bool, decode_on_device: bool = False, reader: ImageReader | None = None
+        self,
+        output_size: int,
+        augment: bool,
+        decode_on_device: bool = False,
+        reader: ImageReader | None = None,
+        resize_first: bool = False,
     ) -> None:
         self.output_size = output_size
         self.augment = augment
         self.decode_on_device = decode_on_device
         self.reader = reader or ImageReader("")
+        self.resize_first = resize_first
 
     def __call__(self, path: str | os.PathLike) -> UInt8Images | DeviceJpeg:
         # Both reads go through the dataset's reader: a broken file is an error naming it, a truncated
         # one loads as DomainBed loads it, with a warning (issue 19).
-        image = self.reader.read(path, open_image)  # the header only
+        if self.resize_first:
+            size = (self.output_size, self.output_size)
+            image = self.reader.read(path, lambda opened: decode_rgb(opened).resize(size, Image.Resampling.BILINEAR))
+        else:
+            image = self.reader.read(path, open_image)  # the header only
         width, height = image.size
         if self.augment:
             (top, left, crop_height, crop_width), params = draw_augmentation(width, height)
             box = (left, top, left + crop_width, top + crop_height)
         else:
             box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
+        if self.resize_first:  # the square is decoded already: crop and resize it as torchvision's resized_crop
+            return UInt8Images(to_uint8_chw(reduced_resized_crop(image, box, self.output_size)), params)
         if self.decode_on_device and decodes_on_device(image):
             image.close()
             return DeviceJpeg(Path(path).read_bytes(), torch.tensor(box, dtype=torch.long), params, str(path))
@@ -214,7 +229,7 @@ class FastImageTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment}, "
-            f"decode_on_device={self.decode_on_device})"
+            f"decode_on_device={self.decode_on_device}{', resize_first=True' if self.resize_first else ''})"
         )
 
 

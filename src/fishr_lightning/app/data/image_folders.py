@@ -45,11 +45,16 @@ def eval_image_transform(
 
 
 def train_image_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    resize_first: bool = False,
 ) -> Transform:
-    """DomainBed's augmentation for training domains (hparam ``data_augmentation``)."""
+    """DomainBed's augmentation for training domains (hparam ``data_augmentation``); ``resize_first``: its
+    WILDS datasets' (``WILDSDataset``), which resize to the square before the random crop (issue 28)."""
     return transforms.Compose(
         [
+            *([transforms.Resize((image_size, image_size))] if resize_first else []),
             transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
             transforms.RandomHorizontalFlip(),
             transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
@@ -112,18 +117,23 @@ def set_image_transforms(
 ) -> None:
     """``data``'s transforms for its pipeline (``data.pipeline``) at ``image_size``, ``mean`` and ``std``."""
     if data.pipeline == "fast":
-        on_device = data.decode == "device"
+        # Resizing first is the workers' work (FastImageTransform): such datasets' files stay there (WILDS' are PNGs).
+        on_device = data.decode == "device" and not data.resize_first
         reader = data.image_reader
         data.eval_transform = FastImageTransform(image_size, augment=False, decode_on_device=on_device, reader=reader)
         data.train_transform = (
-            FastImageTransform(image_size, augment=True, decode_on_device=on_device, reader=reader)
+            FastImageTransform(
+                image_size, augment=True, decode_on_device=on_device, reader=reader, resize_first=data.resize_first
+            )
             if augment
             else data.eval_transform
         )
         data.batch_transform = DeviceAugmentation(mean, std, output_size=image_size, reader=reader)
     else:
         data.eval_transform = eval_image_transform(image_size, mean, std)
-        data.train_transform = train_image_transform(image_size, mean, std) if augment else data.eval_transform
+        data.train_transform = (
+            train_image_transform(image_size, mean, std, data.resize_first) if augment else data.eval_transform
+        )
         data.batch_transform = None
     data.input_shape = (3, image_size, image_size)
 

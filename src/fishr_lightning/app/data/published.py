@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fishr_lightning.app.data.specs import MNIST_DATASETS, DatasetSpec
+from fishr_lightning.app import AppError
+from fishr_lightning.app.data.specs import MNIST_DATASETS, WILDS_DATASETS, DatasetSpec
 
 # The files ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS, compared lower-cased), written out
 # so that counting needs no torch import; tests/test_app_download.py checks that they are torchvision's.
@@ -196,6 +197,13 @@ def count_on_disk(spec: DatasetSpec, data_dir: Path) -> list[int | None] | None:
         return list(dealt(sum(n or 0 for n in files.values()), spec.environments).values())
     if spec.domain_folders:
         return [count_image_folder(data_dir / spec.folder / folder) for folder in spec.domain_folders]
+    if spec.name in WILDS_DATASETS:  # the files each domain's metadata lists that exist (torch-free)
+        from fishr_lightning.app.data.wilds_metadata import count_wilds_images
+
+        try:
+            return count_wilds_images(spec, data_dir)
+        except AppError:  # no metadata: every domain missing
+            return [None] * len(spec.environments)
     return None
 
 

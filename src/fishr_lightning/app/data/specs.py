@@ -86,8 +86,26 @@ MNIST_DATASETS = {
 }
 
 
+# WILDS' Camelyon17 and FMoW, as DomainBed reads them (issue 28): domains from WILDS' metadata (``wilds_metadata.py``),
+# the folder named as the ``wilds`` package names it (``<dataset>_v<version>``).
+WILDS_DATASETS = {
+    "WILDSCamelyon": DatasetSpec(
+        "WILDSCamelyon", tuple(f"hospital_{i}" for i in range(5)), 2, "wilds_camelyon", "camelyon17_v1.0", (), (3,)
+    ),
+    "WILDSFMoW": DatasetSpec(
+        "WILDSFMoW", tuple(f"region_{i}" for i in range(6)), 62, "wilds_fmow", "fmow_v1.1", (), (3,)
+    ),
+}
+WILDS_LAYOUTS = {
+    "WILDSCamelyon": "metadata.csv (one row per patch: patient, node, x_coord, y_coord, tumor, slide, center) and "
+    "patches/patient_<patient>_node_<node>/patch_patient_<patient>_node_<node>_x_<x_coord>_y_<y_coord>.png",
+    "WILDSFMoW": "rgb_metadata.csv (one row per image: split, category, country_code, ...), "
+    "country_code_mapping.csv (alpha-3, region) and images/rgb_img_<row>.png",
+}
+
+
 def dataset_spec(name: str) -> DatasetSpec:
-    specs = {**IMAGE_FOLDER_DATASETS, **MNIST_DATASETS, SYNTHETIC_SPEC.name: SYNTHETIC_SPEC}
+    specs = {**IMAGE_FOLDER_DATASETS, **WILDS_DATASETS, **MNIST_DATASETS, SYNTHETIC_SPEC.name: SYNTHETIC_SPEC}
     if name not in specs:
         raise AppError(f"Unknown dataset name {name!r}; the app knows {sorted(specs)}.")
     return specs[name]
@@ -117,6 +135,9 @@ class MultiDomainData:
     # Opens the image folders' files (images.ImageReader: a broken file is an error naming it, issue 19);
     # the fast pipeline's transforms read through it too.
     image_reader: Any = None
+    # DomainBed's WILDS transforms resize every image to the square before the training augmentation's
+    # random crop too (``WILDSDataset``; Camelyon17's 96² patches): the crop is drawn on that square (issue 28).
+    resize_first: bool = False
 
 
 def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
@@ -125,6 +146,8 @@ def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
             f"{data_dir / 'MNIST' / 'raw'}/ holding MNIST's four idx files (train-images-idx3-ubyte, "
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte), as torchvision writes them"
         )
+    if spec.name in WILDS_LAYOUTS:
+        return f"{data_dir / spec.folder}/ as the `wilds` package lays it out: {WILDS_LAYOUTS[spec.name]}"
     domains = ", ".join(spec.domain_folders)
     return (
         f"{data_dir / spec.folder}/<domain>/<class>/<image> with the domain folders {domains} "

@@ -68,6 +68,8 @@ DATASET_ORDER = [
     "OfficeHome",
     "TerraIncognita",
     "DomainNet",
+    "WILDSCamelyon",
+    "WILDSFMoW",
 ]
 
 

@@ -38,7 +38,7 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import check_decode, check_finish, check_pipeline, use_input_config
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
-from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, check_test_envs, dataset_spec
+from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, WILDS_DATASETS, check_test_envs, dataset_spec
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
@@ -206,7 +206,7 @@ def config_choice(group: str) -> str | None:
 def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, Any]:
     """DomainBed's ``args`` record (what its collect_results.py groups by), plus the app's choices."""
     pipeline, decode, finish = data_options(cfg)
-    if dataset_spec(cfg.dataset.name).name not in IMAGE_FOLDER_DATASETS:
+    if dataset_spec(cfg.dataset.name).name not in {**IMAGE_FOLDER_DATASETS, **WILDS_DATASETS}:
         pipeline = "tensors"  # MNIST and the synthetic dataset are tensors: no image pipeline runs
     return {
         "dataset": cfg.dataset.name,
