@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fishr_lightning.app.data.specs import dataset_spec
 from fishr_lightning.app.training.run import CONFIG_MODULE
+from fishr_lightning.domainbed import ALGORITHM_CLASSES
 
 DATASETS = [
     "synthetic",
@@ -68,7 +69,10 @@ def test_every_group_offers_the_documented_menu():
     root = Path(__import__("fishr_lightning.app.configs", fromlist=["x"]).__file__).parent
     assert {p.stem for p in (root / "dataset").glob("*.yaml")} == set(DATASETS)
     assert {p.stem for p in (root / "backbone").glob("*.yaml")} == set(BACKBONES) | set(TIMM_BACKBONES)
-    assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS)
+    # The head-callback algorithms, and every algorithm fishr_lightning.domainbed builds, by its lowercase name.
+    assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS) | {
+        n.lower() for n in ALGORITHM_CLASSES
+    }
     assert {"cpu", "gpu", "ddp"} <= {p.stem for p in (root / "trainer").glob("*.yaml")}
     assert {"csv", "tensorboard", "wandb", "mlflow"} <= {p.stem for p in (root / "logger").glob("*.yaml")}
 

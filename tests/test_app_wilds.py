@@ -14,13 +14,14 @@ import pytest
 import torch
 from data_factories import CAMELYON_ROWS, FMOW_ROWS, write_camelyon, write_fmow
 from PIL import Image
-from test_app_download import serve
+from test_app_download import ArchiveServer
 from torchvision import transforms
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data import download
 from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.data.domains import load_domains
+from fishr_lightning.app.data.download import Archive
 from fishr_lightning.app.data.fast_images import FastImageTransform, UInt8Images
 from fishr_lightning.app.data.images import ImageReader
 from fishr_lightning.app.data.wilds_metadata import count_wilds_images
@@ -182,15 +183,21 @@ def test_a_tree_out_of_the_wilds_layout_is_named_with_the_layout_and_the_downloa
 
 def test_camelyon17_is_fetched_from_wilds_source_into_its_folder_and_loads(monkeypatch, tmp_path):
     source = write_camelyon(tmp_path / "source") / "camelyon17_v1.0"
-    archive = tmp_path / "archive.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:  # WILDS' archive holds the folder's contents
+    archive_path = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive_path, "w:gz") as tar:  # WILDS' archive holds the folder's contents
         for path in sorted(source.rglob("*")):
             tar.add(path, path.relative_to(source).as_posix(), recursive=False)
-    url = download.WILDS_ARCHIVES["camelyon17_v1.0"]
-    asked = serve(monkeypatch, {url: archive})
-    download.main(["wilds_camelyon", "--data-dir", str(tmp_path / "data")])
-    assert asked == [url] and "0xe45e15f39fb54e9d9e919556af67aabe" in url  # the wilds package's download_url
-    assert not (tmp_path / "data" / "camelyon17_v1.0" / "archive.tar.gz").exists()
+    archive = download.WILDS_ARCHIVES["camelyon17_v1.0"]
+    assert "0xe45e15f39fb54e9d9e919556af67aabe" in archive.urls[0]  # the wilds package's download_url
+    server = ArchiveServer()  # the archive served from 127.0.0.1 instead
+    server.files[archive.name] = archive_path.read_bytes()
+    monkeypatch.setitem(download.WILDS_ARCHIVES, "camelyon17_v1.0", Archive(archive.name, (server.url(archive.name),)))
+    try:
+        download.main(["wilds_camelyon", "--data-dir", str(tmp_path / "data")])
+    finally:
+        server.close()
+    assert [entry[0] for entry in server.log] == [archive.name]
+    assert not (tmp_path / "data" / "camelyon17_v1.0" / archive.name).exists()
     assert [len(domain) for domain in load_domains("WILDSCamelyon", tmp_path / "data").domains] == [3, 2, 3, 2, 2]
 
 
