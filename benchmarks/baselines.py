@@ -63,9 +63,11 @@ def callbacks_for(algorithm: str, num_domains: int) -> list[pl.Callback]:
 class ResNetFeatures(nn.Module):
     """ResNet-18 (BatchNorm training) then a linear map to ``features`` outputs: DomainNet's head input."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, channels: int = 3) -> None:
         super().__init__()
         self.network = torchvision.models.resnet18(weights=None)
+        if channels != 3:  # ARM's context channel (benchmarks/domainbed_algorithms.py)
+            self.network.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.network.fc = nn.Linear(self.network.fc.in_features, features)
         self.n_outputs = features
 
