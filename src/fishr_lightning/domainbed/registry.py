@@ -12,6 +12,14 @@ from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, DomainBedErr
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "IRM": "irm:IRM",
+    "GroupDRO": "groupdro:GroupDRO",
+    "Mixup": "mixup:Mixup",
+    "CORAL": "mmd:CORAL",
+    "MMD": "mmd:MMD",
+    "VREx": "vrex:VREx",
+    "SD": "sd:SD",
+    "Fishr": "fishr:Fishr",
 }
 
 # DomainBed's 34 algorithms, in the order of its ALGORITHMS list.
