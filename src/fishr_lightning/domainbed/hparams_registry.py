@@ -83,6 +83,7 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
 
 
 def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
+    """DomainBed's defaults (``hparams_seed == 0``) of every hyperparameter for this algorithm and dataset."""
     return {name: default for name, (default, _) in registry(algorithm, dataset).items()}
 
 

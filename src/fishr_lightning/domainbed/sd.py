@@ -9,7 +9,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from fishr_lightning.baselines.functional import spectral_decoupling_penalty
-from fishr_lightning.domainbed.algorithm import Minibatches
+from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, Minibatches
 from fishr_lightning.domainbed.erm import ERM
 from fishr_lightning.domainbed.minibatches import concatenate
 
@@ -17,6 +17,8 @@ from fishr_lightning.domainbed.minibatches import concatenate
 class SD(ERM):
     """ERM's networks and ``optimizer``; ``sd_reg`` from the hyperparameters."""
 
+    # ERM's DDP argument (means over equal shards) holds for the penalty too, but no test has run it under DDP.
+    ddp_refusal = DomainBedAlgorithm.ddp_refusal
     quirks = ("the logged loss is the cross-entropy alone, without the penalty",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
