@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from domainbed_harness import TinyFeaturizer
+from test_app_train import SMALL_SYNTHETIC, run_app
 from torch import nn
 
 from fishr_lightning.app import AppError
@@ -106,3 +107,14 @@ def test_domainbeds_resnet_and_mnist_networks_load_into_the_apps_backbones(tmp_p
     load_init(module, path, {}, (2, 28, 28), 2, "ERM")
     x = torch.randn(1, 2, 8, 8)  # any size: the CNN mean-pools
     torch.testing.assert_close(module(x), classifier(mnist(x)), rtol=0, atol=0)
+
+
+def test_the_app_names_the_algorithm_of_a_model_pkl_trained_by_another(monkeypatch, tmp_path, capsys):
+    torch.manual_seed(4)
+    model_dict = domainbed_erm_dict(TinyFeaturizer((6,), {}), nn.Linear(5, 3), update_count=torch.tensor([0]))
+    path = write_model_pkl(tmp_path / "model.pkl", "Fishr", model_dict)
+    assert run_app(monkeypatch, tmp_path / "run", *SMALL_SYNTHETIC, "algorithm=erm", f"init_from={path}") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "(DomainBed's model.pkl) does not fit this run's model: algorithm Fishr (this run: ERM)" in err
+    assert not (tmp_path / "run" / "results.jsonl").exists()
