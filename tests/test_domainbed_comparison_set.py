@@ -25,6 +25,8 @@ from domainbed_harness import (
 from fishr_reference import ReferenceFishr
 from lightning.pytorch.callbacks import Callback
 
+from fishr_lightning import FishrCallback
+from fishr_lightning.app.training.module import DomainClassifier
 from fishr_lightning.domainbed import (
     DomainBedError,
     build_algorithm,
@@ -138,6 +140,24 @@ def test_k_updates_of_trainer_fit_end_on_domainbeds_weights(name):
         assert {k: ours[k] for k in theirs} == pytest.approx(theirs, rel=1e-10, abs=1e-12)
     if "update_count" in module.state_dict():
         assert module.update_count.tolist() == [STEPS]
+
+
+def test_fishr_trains_as_the_apps_module_with_fishr_callback():
+    """The two routes to DomainBed's Fishr, the class and the app's DomainClassifier with FishrCallback (what
+    algorithm=fishr runs), end on the same weights from the same ones: the class's, DomainBed's reference (the
+    test above). The other callbacks are held to the same references in test_baselines_callbacks.py."""
+    module, batches = algorithm("Fishr"), domain_batches(STEPS)
+    app_module = DomainClassifier(copy.deepcopy(module.featurizer), NUM_CLASSES, lr=LR, weight_decay=0.0)
+    app_module.classifier.load_state_dict(module.classifier.state_dict())
+    own = OWN_HPARAMS["Fishr"]
+    callback = FishrCallback(
+        penalty_weight=own["lambda"], warmup_steps=own["penalty_anneal_iters"], ema=own["ema"], num_domains=3
+    )
+    reference, _ = reference_updates("Fishr", module, batches)  # where the class's fit ends (the test above)
+    fit(app_module, batches, callbacks=[callback])
+    for ours, theirs in ((reference.featurizer, app_module.featurizer), (reference.classifier, app_module.classifier)):
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # DomainBed's state-dict keys with TinyFeaturizer: ERM's networks (featurizer, classifier and their aliases in
