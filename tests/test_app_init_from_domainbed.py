@@ -107,6 +107,11 @@ def test_domainbeds_resnet_and_mnist_networks_load_into_the_apps_backbones(tmp_p
     load_init(module, path, {}, (2, 28, 28), 2, "ERM")
     x = torch.randn(1, 2, 8, 8)  # any size: the CNN mean-pools
     torch.testing.assert_close(module(x), classifier(mnist(x)), rtol=0, atol=0)
+    # DomainBed's ERM class with the app's CNN as featurizer (domainbed: true): the aliases renamed too.
+    hparams = default_hparams("ERM", "ColoredMNIST")
+    domainbed_erm = build_algorithm("ERM", (2, 28, 28), 2, 3, hparams, lambda shape, _: MNISTCNN(shape))
+    load_init(domainbed_erm, path, {}, (2, 28, 28), 2, "ERM")
+    torch.testing.assert_close(domainbed_erm.predict(x), classifier(mnist(x)), rtol=0, atol=0)
 
 
 def test_the_app_names_the_algorithm_of_a_model_pkl_trained_by_another(monkeypatch, tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -230,12 +231,14 @@ def load_domainbed_init(
             differences.append(f"num_domains {saved['model_num_domains']} (this run: {module.num_domains})")
         if not differences:
             try:
-                load_domainbed_state_dict(module, model_dict)
+                load_domainbed_state_dict(module, app_mnist_names(model_dict, module.state_dict()))
                 return
             except DomainBedError as error:
                 differences.append(str(error))
     else:
-        state_dict, alias_differences = app_state_from_domainbed(model_dict, module.state_dict())
+        state_dict, alias_differences = app_state_from_domainbed(app_mnist_names(model_dict, module.state_dict()))
+        if len(alias_differences) > 8:  # a whole network's aliases: the first ones say it
+            alias_differences = [*alias_differences[:8], f"… ({len(alias_differences) - 8} more aliases)"]
         differences += alias_differences + state_differences(module.state_dict(), state_dict)
     if differences:
         raise AppError(
@@ -246,15 +249,21 @@ def load_domainbed_init(
     module.load_state_dict(state_dict)
 
 
-def app_state_from_domainbed(
-    model_dict: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """DomainBed's ``featurizer``/``classifier`` keys under the app's ``DomainClassifier``'s names, and the
-    aliases that differ from them. DomainBed's ResNet (``featurizer.network.*``, torchvision's names without
-    ``fc``) has the app's ``ResNetFeaturizer``'s keys; its ``MNIST_CNN`` names its GroupNorms ``bn0``…``bn3``,
-    the app's ``MNISTCNN`` ``norm1``…``norm4`` (same order: each after the convolution of its number)."""
+def app_mnist_names(model_dict: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DomainBed's ``MNIST_CNN`` names its GroupNorms ``bn0``…``bn3``, the app's ``MNISTCNN`` ``norm1``…``norm4``
+    (the same order: each after the convolution of its number): ``model_dict`` under the app's names when
+    ``state`` (the run's module) has the app's CNN and ``model_dict`` DomainBed's."""
+    if "featurizer.norm1.weight" not in state or "featurizer.bn0.weight" not in model_dict:
+        return model_dict
+    groupnorm = re.compile(r"^(featurizer|network\.0)\.bn(\d)\.")
+    return {groupnorm.sub(lambda m: f"{m[1]}.norm{int(m[2]) + 1}.", key): value for key, value in model_dict.items()}
+
+
+def app_state_from_domainbed(model_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DomainBed's ``featurizer``/``classifier`` keys, under which the app's ``DomainClassifier`` has the same
+    weights, and the aliases ``network.0.*``/``network.1.*`` that differ from them (DomainBed's ResNet,
+    ``featurizer.network.*``, has the app's ``ResNetFeaturizer``'s keys: torchvision's, without ``fc``)."""
     aliases = {"network.0.": "featurizer.", "network.1.": "classifier."}
-    mnist_names = "featurizer.norm1.weight" in state and "featurizer.bn0.weight" in model_dict
     converted: dict[str, torch.Tensor] = {}
     differences = []
     for key, value in model_dict.items():
@@ -265,13 +274,8 @@ def app_state_from_domainbed(
                 differences.append(
                     f"{key} is not {original} (DomainBed's network = Sequential(featurizer, classifier))"
                 )
-            continue
-        if key in DOMAINBED_TRAINING_STATE:
-            continue
-        if mnist_names and key.startswith("featurizer.bn") and key[len("featurizer.bn")].isdigit():
-            index, rest = key[len("featurizer.bn") :].split(".", 1)
-            key = f"featurizer.norm{int(index) + 1}.{rest}"
-        converted[key] = value
+        elif key not in DOMAINBED_TRAINING_STATE:
+            converted[key] = value
     return converted, differences
 
 
