@@ -202,16 +202,20 @@ def test_groupdros_q_is_resized_by_every_load_and_its_updates_continue_from_it()
     torch.testing.assert_close(resumed.q, expected / expected.sum(), rtol=1e-12, atol=1e-14)
 
 
-def test_fishr_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("name", ["Fishr", "Mixup"])
+def test_a_run_resumed_from_a_checkpoint_ends_on_the_uninterrupted_weights(name, tmp_path):
     """Fishr's EMA of each domain's gradient variances is not in DomainBed's state dict: the checkpoint keeps
-    it (on_save_checkpoint), so updates 2 of a run resumed after update 2 are the uninterrupted run's."""
-    module, batches = algorithm("Fishr"), domain_batches(STEPS)
-    reference, _ = reference_updates("Fishr", module, batches)
+    it (on_save_checkpoint). Mixup's draws depend on (seed, update) only. So update 2 of a run resumed after
+    update 2 is the uninterrupted run's."""
+    module, batches = algorithm(name), domain_batches(STEPS)
+    reference, _ = reference_updates(name, module, batches)
     trainer = fit(module, batches[:2])
     trainer.save_checkpoint(tmp_path / "two.ckpt")
-    resumed = algorithm("Fishr", seed=9).double()  # Lightning loads the checkpoint before precision's .double()
+    resumed = algorithm(name, seed=0).double()  # Lightning loads the checkpoint before precision's .double()
+    torch.nn.init.zeros_(resumed.classifier.weight)  # the checkpoint's weights, not these
     fit(resumed, batches[2:], ckpt_path=tmp_path / "two.ckpt", max_steps=STEPS)
-    assert resumed.update_count.tolist() == [STEPS] and resumed.fishr_penalty.num_updates == STEPS
+    if name == "Fishr":
+        assert resumed.update_count.tolist() == [STEPS] and resumed.fishr_penalty.num_updates == STEPS
     for ours, theirs in ((resumed.featurizer, reference.featurizer), (resumed.classifier, reference.classifier)):
         for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
