@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-API_PAGES = ("core", "functional", "baselines", "averaging", "hessian_alignment", "app")
+API_PAGES = ("core", "functional", "baselines", "domainbed", "averaging", "hessian_alignment", "app")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_api_page_shows_fishr_callback_arguments_from_its_docstring(site: Path) 
 
 def test_every_page_of_the_navigation_is_built(site: Path) -> None:
     for page in ("", "lightning", "app", "sweeps", "paper", "averaging", "backbones", "benchmarks", "changelog",
-                 "contributing", "api/core", "api/functional", "api/baselines", "api/averaging", "api/hessian_alignment", "api/app",
+                 "contributing", "api/core", "api/functional", "api/baselines", "api/domainbed", "api/averaging", "api/hessian_alignment", "api/app",
                  "baselines", "baselines/gradient_statistics", "baselines/feature_alignment",
                  "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing"):  # fmt: skip
         assert (site / page / "index.html").is_file(), f"page {page or 'index'} not built"
@@ -92,6 +92,16 @@ def test_every_public_name_has_its_docstring_rendered(site: Path) -> None:
     for name in fishr_lightning.baselines.__all__:
         opening = rendered_opening(getattr(fishr_lightning.baselines, name).__doc__)
         assert opening in api_text, f"fishr_lightning.baselines.{name}'s docstring ({opening!r}) is not rendered"
+    import fishr_lightning.domainbed
+
+    for name in fishr_lightning.domainbed.__all__:  # issue 26
+        value = getattr(fishr_lightning.domainbed, name)
+        if callable(value):
+            opening = rendered_opening(value.__doc__)
+            assert opening in api_text, f"fishr_lightning.domainbed.{name}'s docstring ({opening!r}) is not rendered"
+    for name in fishr_lightning.domainbed.ALGORITHM_CLASSES:
+        opening = rendered_opening(fishr_lightning.domainbed.algorithm_class(name).__doc__)
+        assert opening in api_text, f"DomainBed's {name}'s docstring ({opening!r}) is not rendered"
     modules = (
         "functional",
         "distributed",

@@ -61,8 +61,12 @@ class AbstractCausIRL(ERM):
 
 
 class CausIRL_CORAL(AbstractCausIRL):  # noqa: N801 (DomainBed's name)
+    """The two halves' distance is CORAL's: their means' and covariances' mean squared differences."""
+
     gaussian = False
 
 
 class CausIRL_MMD(AbstractCausIRL):  # noqa: N801 (DomainBed's name)
+    """The two halves' distance is MMD's, with DomainBed's mixture of Gaussian kernels."""
+
     gaussian = True

@@ -1,7 +1,8 @@
 """DiWA's training side (Ramé et al., NeurIPS 2022; issue 29): a shared initialisation
 (``init=linear_probe|random`` writes ``init.pt``; ``init_from=FILE`` starts a run from it) and
 ``save_model=best``'s ``model_best.pt``, the weights at the record with the best training-domain
-validation accuracy, which ``fishr-soup`` averages across a sweep's runs.
+validation accuracy, which ``fishr-soup`` averages across a sweep's runs. ``init_from`` also reads
+DomainBed's ``model.pkl`` of the same algorithm (issue 26).
 
 Every file here has ``model.pt``'s format (``model_contents``): ``state_dict``, ``backbone``,
 ``input_shape``, ``num_classes``, ``hparams``, ``args``, ``step``; ``model_best.pt`` adds ``val_acc``.
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
@@ -73,7 +76,7 @@ def check_init_options(cfg: DictConfig) -> None:
     if cfg.get("init_from") is not None and not init_path(cfg).is_file():
         raise AppError(
             f"init_from={cfg.init_from}: no such file. Give the init.pt that `python train.py init=linear_probe` "
-            "(or init=random) printed, or a run's model.pt / model_best.pt."
+            "(or init=random) printed, a run's model.pt / model_best.pt, or DomainBed's model.pkl of the same algorithm."
         )
 
 
@@ -106,19 +109,32 @@ def file_sha256(path: str, mtime_ns: int, size: int) -> str:
 
 
 def load_init(
-    module: torch.nn.Module, path: Path, backbone: dict[str, Any], input_shape: tuple[int, ...], num_classes: int
+    module: torch.nn.Module,
+    path: Path,
+    backbone: dict[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    algorithm: str | None = None,
 ) -> None:
-    """``init_from``: the file's weights in ``module``, or one error naming what differs."""
+    """``init_from``: the file's weights in ``module``, or one error naming what differs. The file is in
+    ``model.pt``'s format (``init.pt``, ``model.pt``, ``model_best.pt``) or DomainBed's ``model.pkl`` of a run
+    of ``algorithm`` (issue 26: ``load_domainbed_init``)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_model_file(path)
     except Exception as error:  # noqa: BLE001 (any unreadable file: one message)
         raise AppError(
-            f"init_from={path}: not a readable model file ({error}); give an init.pt or a model.pt."
+            f"init_from={path}: not a readable model file ({error}); give an init.pt, a model.pt or DomainBed's "
+            "model.pkl."
         ) from None
+    if isinstance(saved, dict) and "model_dict" in saved:
+        load_domainbed_init(module, path, saved, input_shape, num_classes, algorithm)
+        return
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise AppError(
-            f"init_from={path}: not in model.pt's format (a dict with state_dict, backbone, input_shape, num_classes); "
-            "give the init.pt of `python train.py init=linear_probe`, or a run's model.pt / model_best.pt."
+            f"init_from={path}: not in model.pt's format (a dict with state_dict, backbone, input_shape, num_classes) "
+            "nor DomainBed's model.pkl (args, model_input_shape, model_num_classes, model_num_domains, model_hparams, "
+            "model_dict); give the init.pt of `python train.py init=linear_probe`, a run's model.pt / model_best.pt, "
+            "or DomainBed's model.pkl."
         )
     differences = []
 
@@ -131,20 +147,10 @@ def load_init(
         differences.append(f"input_shape {list(saved['input_shape'])} (this run: {list(input_shape)})")
     if "num_classes" in saved and saved["num_classes"] != num_classes:
         differences.append(f"num_classes {saved['num_classes']} (this run: {num_classes})")
-    state = module.state_dict()
-    missing = sorted(set(state) - set(saved["state_dict"]))
-    unexpected = sorted(set(saved["state_dict"]) - set(state))
-    if missing:
-        differences.append(f"missing keys {', '.join(missing)}")
-    if unexpected:
-        differences.append(f"unexpected keys {', '.join(unexpected)}")
-    shapes = [
-        f"{name} {list(saved['state_dict'][name].shape)} (this run: {list(tensor.shape)})"
-        for name, tensor in state.items()
-        if name in saved["state_dict"] and saved["state_dict"][name].shape != tensor.shape
-    ]
-    if shapes:
-        differences.append(f"other shapes: {'; '.join(shapes)}")
+    prepare = getattr(module, "prepare_for_domainbed_state", None)
+    if prepare is not None:  # the lazily sized state of DomainBed's classes (GroupDRO's q), issue 26
+        prepare(saved["state_dict"])
+    differences += state_differences(module.state_dict(), saved["state_dict"])
     if differences:
         raise AppError(
             f"init_from={path} does not fit this run's model: {'; '.join(differences)}. Start from an "
@@ -152,6 +158,125 @@ def load_init(
             "backbone=...)."
         )
     module.load_state_dict(saved["state_dict"])
+
+
+def read_model_file(path: Path) -> Any:
+    """``torch.load`` of tensors, containers and numbers only (``weights_only``), NumPy's scalars included:
+    DomainBed's ``model.pkl`` holds its random-search draws (``np.float64``…) in ``model_hparams``."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    numpy_globals: list[Any] = [
+        np.dtype,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+    ]
+    numpy_globals += list({type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)})
+    with torch.serialization.safe_globals(numpy_globals):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def state_differences(state: dict[str, torch.Tensor], saved_state: dict[str, torch.Tensor]) -> list[str]:
+    """The missing and unexpected keys and the other shapes of ``saved_state`` against ``state``."""
+    differences = []
+    missing = sorted(set(state) - set(saved_state))
+    unexpected = sorted(set(saved_state) - set(state))
+    if missing:
+        differences.append(f"missing keys {', '.join(missing)}")
+    if unexpected:
+        differences.append(f"unexpected keys {', '.join(unexpected)}")
+    shapes = [
+        f"{name} {list(saved_state[name].shape)} (this run: {list(tensor.shape)})"
+        for name, tensor in state.items()
+        if name in saved_state and saved_state[name].shape != tensor.shape
+    ]
+    if shapes:
+        differences.append(f"other shapes: {'; '.join(shapes)}")
+    return differences
+
+
+# DomainBed's training state in the state dict of the algorithms the app trains with callbacks (IRM's, V-REx's
+# and Fishr's update_count, GroupDRO's q): an initialisation starts the schedules afresh, as an init.pt does.
+DOMAINBED_TRAINING_STATE = ("update_count", "q")
+
+
+def load_domainbed_init(
+    module: torch.nn.Module,
+    path: Path,
+    saved: dict[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    algorithm: str | None,
+) -> None:
+    """``init_from=model.pkl`` (DomainBed's ``algorithm.state_dict()`` in ``model_dict``, issue 26): into a
+    DomainBed class (``domainbed: true``) through ``load_domainbed_state_dict``, every key used; into the app's
+    ``DomainClassifier`` (ERM, and the algorithms of callbacks) DomainBed's ``featurizer.*``/``classifier.*``,
+    the aliases ``network.0.*``/``network.1.*`` checked equal to them and dropped, with DomainBed's training
+    state (``update_count``, ``q``) left out. A different algorithm, shape or key is one error naming it."""
+    from fishr_lightning.domainbed import DomainBedAlgorithm, DomainBedError, load_domainbed_state_dict
+
+    args, model_dict = saved.get("args"), saved["model_dict"]
+    saved_algorithm = args.get("algorithm") if isinstance(args, dict) else None
+    differences = []
+    if saved_algorithm is None:
+        differences.append("no args.algorithm (DomainBed's model.pkl names the algorithm that trained it)")
+    elif algorithm is not None and saved_algorithm != algorithm:
+        differences.append(f"algorithm {saved_algorithm} (this run: {algorithm})")
+    saved_shape = saved.get("model_input_shape")
+    if saved_shape is not None and list(saved_shape) != list(input_shape):
+        differences.append(f"input_shape {list(saved_shape)} (this run: {list(input_shape)})")
+    if saved.get("model_num_classes") is not None and saved["model_num_classes"] != num_classes:
+        differences.append(f"num_classes {saved['model_num_classes']} (this run: {num_classes})")
+    if isinstance(module, DomainBedAlgorithm):
+        if saved.get("model_num_domains") is not None and saved["model_num_domains"] != module.num_domains:
+            differences.append(f"num_domains {saved['model_num_domains']} (this run: {module.num_domains})")
+        if not differences:
+            try:
+                load_domainbed_state_dict(module, app_mnist_names(model_dict, module.state_dict()))
+                return
+            except DomainBedError as error:
+                differences.append(str(error))
+    else:
+        state_dict, alias_differences = app_state_from_domainbed(app_mnist_names(model_dict, module.state_dict()))
+        if len(alias_differences) > 8:  # a whole network's aliases: the first ones say it
+            alias_differences = [*alias_differences[:8], f"… ({len(alias_differences) - 8} more aliases)"]
+        differences += alias_differences + state_differences(module.state_dict(), state_dict)
+    if differences:
+        raise AppError(
+            f"init_from={path} (DomainBed's model.pkl) does not fit this run's model: {'; '.join(differences)}. "
+            "Start from the model.pkl of a DomainBed run of the same algorithm, dataset and backbone (ResNet-18 or -50 "
+            "as hparams.resnet18, nonlinear_classifier as this run's)."
+        )
+    module.load_state_dict(state_dict)
+
+
+def app_mnist_names(model_dict: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DomainBed's ``MNIST_CNN`` names its GroupNorms ``bn0``…``bn3``, the app's ``MNISTCNN`` ``norm1``…``norm4``
+    (the same order: each after the convolution of its number): ``model_dict`` under the app's names when
+    ``state`` (the run's module) has the app's CNN and ``model_dict`` DomainBed's."""
+    if "featurizer.norm1.weight" not in state or "featurizer.bn0.weight" not in model_dict:
+        return model_dict
+    groupnorm = re.compile(r"^(featurizer|network\.0)\.bn(\d)\.")
+    return {groupnorm.sub(lambda m: f"{m[1]}.norm{int(m[2]) + 1}.", key): value for key, value in model_dict.items()}
+
+
+def app_state_from_domainbed(model_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DomainBed's ``featurizer``/``classifier`` keys, under which the app's ``DomainClassifier`` has the same
+    weights, and the aliases ``network.0.*``/``network.1.*`` that differ from them (DomainBed's ResNet,
+    ``featurizer.network.*``, has the app's ``ResNetFeaturizer``'s keys: torchvision's, without ``fc``)."""
+    aliases = {"network.0.": "featurizer.", "network.1.": "classifier."}
+    converted: dict[str, torch.Tensor] = {}
+    differences = []
+    for key, value in model_dict.items():
+        alias = next((prefix for prefix in aliases if key.startswith(prefix)), None)
+        if alias is not None:
+            original = aliases[alias] + key[len(alias) :]
+            if original not in model_dict or not torch.equal(model_dict[original], value):
+                differences.append(
+                    f"{key} is not {original} (DomainBed's network = Sequential(featurizer, classifier))"
+                )
+        elif key not in DOMAINBED_TRAINING_STATE:
+            converted[key] = value
+    return converted, differences
 
 
 class FrozenFeaturizer(Callback):

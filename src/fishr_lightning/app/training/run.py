@@ -301,7 +301,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     domainbed = domainbed_options(cfg)
     module = build_module(backbone, data.input_shape, spec.num_classes, hparams, module_options, domainbed)
     if cfg.get("init_from") is not None:  # a shared initialisation (DiWA, issue 29); a resumed run's checkpoint wins
-        load_init(module, init_path(cfg), backbone, data.input_shape, spec.num_classes)
+        load_init(module, init_path(cfg), backbone, data.input_shape, spec.num_classes, cfg.algorithm.name)
     if cfg.get("init") == "random":  # DiWA's random initialisation: the untrained weights, no training
         args = {**run_args(cfg, run_dir, test_envs), "steps": 0}
         record = {"step": None, "hparams": hparams, "args": args}
