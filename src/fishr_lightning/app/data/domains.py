@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fishr_lightning.app.data.image_folders import load_image_folder_domains
+from fishr_lightning.app.data.image_folders import load_image_folder_domains, load_spawrious_domains
 from fishr_lightning.app.data.mnist import load_mnist_domains
-from fishr_lightning.app.data.specs import MNIST_DATASETS, MultiDomainData, data_error, dataset_spec
+from fishr_lightning.app.data.specs import (
+    MNIST_DATASETS,
+    SPAWRIOUS_DATASETS,
+    MultiDomainData,
+    data_error,
+    dataset_spec,
+)
 from fishr_lightning.app.data.synthetic import SAMPLES_PER_DOMAIN, synthetic_domains
 
 
@@ -29,7 +35,7 @@ def load_domains(
     files out of the image-folder datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
     ``domainbed``), ``decode`` (``cpu`` or ``device``) and ``finish`` (``auto``, ``device``, ``workers``) are the
     image folders' (``image_folders.py``)."""
-    spec = dataset_spec(name)
+    spec = dataset_spec(name, data_dir)  # ImageFolders: read from data_dir, or an error saying it needs one
     if spec.name == "Synthetic":
         return synthetic_domains(seed=seed, samples_per_domain=samples_per_domain or SAMPLES_PER_DOMAIN)
     if data_dir is None:
@@ -37,4 +43,6 @@ def load_domains(
     data_dir = Path(data_dir).expanduser()
     if spec.name in MNIST_DATASETS:
         return load_mnist_domains(spec, data_dir, seed)
+    if spec.name in SPAWRIOUS_DATASETS:
+        return load_spawrious_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)
     return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)

@@ -42,6 +42,9 @@ TERRA_LABELS_URL = "https://lilablobssc.blob.core.windows.net/caltechcameratraps
 TERRA_LABELS_FILE = "caltech_images_20210113.json"
 TERRA_LOCATIONS = ("38", "46", "100", "43")
 TERRA_CATEGORIES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
+# DomainBed's download.py sources for SVIRO (its DomainBed subset, SVIRO_DOMAINBED/) and Spawrious (spawrious224/).
+SVIRO_URL = "https://sviro.kl.dfki.de/?wpdmdl=1731"
+SPAWRIOUS_URL = "https://www.dropbox.com/s/e40j553480h3f3s/spawrious224.tar.gz?dl=1"
 
 
 def fetch(url: str, destination: Path) -> Path:
@@ -133,6 +136,15 @@ def download_terra_incognita(data_dir: Path) -> None:
     labels_file.unlink()
 
 
+def download_sviro(data_dir: Path) -> None:
+    fetch_and_extract(SVIRO_URL, data_dir / "sviro_grayscale_rectangle_classification.zip", data_dir)
+    (data_dir / "SVIRO_DOMAINBED").rename(data_dir / "sviro")
+
+
+def download_spawrious(data_dir: Path) -> None:
+    fetch_and_extract(SPAWRIOUS_URL, data_dir / "spawrious224.tar.gz", data_dir)  # extracts spawrious224/
+
+
 DOWNLOADERS: dict[str, Callable[[Path], None]] = {
     "colored_mnist": download_mnist,
     "rotated_mnist": download_mnist,
@@ -141,6 +153,13 @@ DOWNLOADERS: dict[str, Callable[[Path], None]] = {
     "office_home": download_office_home,
     "terra_incognita": download_terra_incognita,
     "domain_net": download_domain_net,
+    "sviro": download_sviro,
+    # The six Spawrious benchmarks read one tree, fetched once (as colored_mnist and rotated_mnist share MNIST).
+    **{
+        f"spawrious_{kind}_{level}": download_spawrious
+        for kind in ("o2o", "m2m")
+        for level in ("easy", "medium", "hard")
+    },
 }
 
 

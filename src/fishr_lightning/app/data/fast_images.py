@@ -122,14 +122,18 @@ def dct_scale(crop_width: float, crop_height: float, output_size: int) -> int:
     return 1
 
 
-def draw_augmentation(width: int, height: int) -> tuple[tuple[int, int, int, int], Tensor]:
+def draw_augmentation(width: int, height: int, random_crop: bool = True) -> tuple[tuple[int, int, int, int], Tensor]:
     """One sample's DomainBed augmentation, drawn from torch's global RNG exactly as DomainBed's
     ``transforms.Compose`` draws it (same calls, same order, so the same seed gives the same parameters):
-    ``((top, left, crop_height, crop_width), params)`` on the original image's coordinates."""
-    # get_params reads only the image's shape: a stride-0 view of one element stands for it.
-    crop = transforms.RandomResizedCrop.get_params(
-        torch.empty(1, 1, 1).expand(1, height, width), CROP_SCALE, CROP_RATIO
-    )
+    ``((top, left, crop_height, crop_width), params)`` on the original image's coordinates. Without
+    ``random_crop`` (Spawrious' augmentation: a plain resize first), no crop is drawn: the whole image."""
+    if random_crop:
+        # get_params reads only the image's shape: a stride-0 view of one element stands for it.
+        crop = transforms.RandomResizedCrop.get_params(
+            torch.empty(1, 1, 1).expand(1, height, width), CROP_SCALE, CROP_RATIO
+        )
+    else:
+        crop = (0, 0, height, width)
     flip = float(torch.rand(1) < FLIP_P)
     span = (1 - JITTER, 1 + JITTER)
     order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
@@ -179,15 +183,23 @@ class FastImageTransform:
             seeds per sample); False: evaluation's ``Resize((size, size))`` only.
         decode_on_device: leave baseline RGB and greyscale JPEGs to the device (``data.decode=device``);
             other files (PNG, CMYK, progressive JPEGs) are still decoded here.
+        random_crop: the augmentation's random resized crop (DomainBed's); False: the whole image resized
+            (Spawrious' augmentation).
     """
 
     def __init__(
-        self, output_size: int, augment: bool, decode_on_device: bool = False, reader: ImageReader | None = None
+        self,
+        output_size: int,
+        augment: bool,
+        decode_on_device: bool = False,
+        reader: ImageReader | None = None,
+        random_crop: bool = True,
     ) -> None:
         self.output_size = output_size
         self.augment = augment
         self.decode_on_device = decode_on_device
         self.reader = reader or ImageReader("")
+        self.random_crop = random_crop
 
     def __call__(self, path: str | os.PathLike) -> UInt8Images | DeviceJpeg:
         # Both reads go through the dataset's reader: a broken file is an error naming it, a truncated
@@ -195,7 +207,7 @@ class FastImageTransform:
         image = self.reader.read(path, open_image)  # the header only
         width, height = image.size
         if self.augment:
-            (top, left, crop_height, crop_width), params = draw_augmentation(width, height)
+            (top, left, crop_height, crop_width), params = draw_augmentation(width, height, self.random_crop)
             box = (left, top, left + crop_width, top + crop_height)
         else:
             box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
@@ -214,7 +226,7 @@ class FastImageTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment}, "
-            f"decode_on_device={self.decode_on_device})"
+            f"decode_on_device={self.decode_on_device}, random_crop={self.random_crop})"
         )
 
 
