@@ -83,18 +83,15 @@ SPAWRIOUS_DATASETS = {
         name,
         ("Test", "SC_group_1", "SC_group_2"),
         4,
-        name.lower(),  # fishr-download spawrious_o2o_easy, ...: one download serves the six
+        download_name,  # fishr-download spawrious_o2o_easy, ...: one download serves the six
         "spawrious224",
         input_shape=(3,),
         random_crop=False,
     )
-    for name in (
-        "SpawriousO2O_easy",
-        "SpawriousO2O_medium",
-        "SpawriousO2O_hard",
-        "SpawriousM2M_easy",
-        "SpawriousM2M_medium",
-        "SpawriousM2M_hard",
+    for name, download_name in (
+        (f"Spawrious{kind}_{level}", f"spawrious_{kind.lower()}_{level}")
+        for kind in ("O2O", "M2M")
+        for level in ("easy", "medium", "hard")
     )
 }
 
@@ -179,7 +176,10 @@ def image_folders_spec(root: Path) -> DatasetSpec:
             f"Rename, add or remove class folders so that they match. {layout}"
         )
     if not reference:
-        raise AppError(f"The domain folders of {root} hold no class folders. {layout}")
+        raise AppError(
+            f"The folders of {root} ({', '.join(domains)}) hold no class folders: is data_dir one domain's folder "
+            f"rather than the dataset's? {layout}"
+        )
     return DatasetSpec(IMAGE_FOLDERS, tuple(domains), len(reference), "", "", tuple(domains), (3,))
 
 
