@@ -19,6 +19,7 @@ from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTr
 from fishr_lightning.app.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
 from fishr_lightning.app.data.images import decode_rgb
 from fishr_lightning.app.data.specs import check_test_envs, dataset_spec
+from fishr_lightning.app.reporting import collect
 from fishr_lightning.app.training.hparams import default_hparams
 
 # -- SVIRO ------------------------------------------------------------------------------------------
@@ -347,3 +348,20 @@ def test_an_app_run_on_each_new_kind_of_dataset(monkeypatch, tmp_path, capsys, d
     assert f"env{len(domains)}_in_acc" not in record
     out = capsys.readouterr().out
     assert f"0: {domains[0]}" in out and f"{len(domains) - 1}: {domains[-1]}" in out
+    # fishr-collect's tables name the test domain: the user's dataset's from its data_dir
+    assert collect.main([str(run_dir)]) == 0
+    assert f"| Algorithm | {' | '.join(domains)} | Avg |" in capsys.readouterr().out
+
+
+def test_a_sweep_holds_out_each_domain_of_the_users_dataset(tmp_path):
+    """``python train.py -m +sweep=domainbed dataset=image_folders data_dir=PATH``: test_envs=each derives the
+    test domains from PATH's domain folders (issue 30's plan, issue 28's dataset)."""
+    from test_sweeps_configs import planned_jobs
+
+    root = write_image_folder(tmp_path / "mine", ("a", "b", "c", "d", "e"), ("cat", "dog"), images_per_class=1, size=4)
+    jobs = planned_jobs(
+        "domainbed", "dataset=image_folders", f"data_dir={root}", "algorithm=erm", "hparams_seed=0", "trial_seed=0"
+    )
+    assert sorted(next(o for o in job if o.startswith("test_envs=")) for job in jobs) == [
+        f"test_envs=[{env}]" for env in range(5)
+    ]
