@@ -6,6 +6,7 @@ in sorted order, the same classes in every domain); an app run of each kind."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from test_app_train import records, run_app
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data import spawrious
+from fishr_lightning.app.data.datamodule import DomainBedDataModule
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTransform, UInt8Images
 from fishr_lightning.app.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
@@ -229,6 +231,12 @@ def test_spawrious_trains_without_random_crop_as_domainbed_on_both_pipelines(tmp
         fast = DeviceAugmentation(IMAGENET_MEAN, IMAGENET_STD)(UInt8Images(images.pixels[None], images.params[None]))[0]
         assert ((fast - reference) * std).abs().mul(255).mean() <= 4.0, seed  # float colour arithmetic (issue 20)
     assert isinstance(app["fast"].train_transform, FastImageTransform) and not app["fast"].train_transform.random_crop
+    # data.decode=device on a CPU-only run: the workers decode instead, still without the crop.
+    on_device = load_domains("SpawriousM2M_easy", tmp_path / "data", image_size=24, decode="device")
+    module = DomainBedDataModule(on_device, [0], 0.2, trial_seed=0, seed=0, batch_size=2, steps=1)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    in_workers = module.item_transform(on_device.train_transform).transform
+    assert not in_workers.decode_on_device and not in_workers.random_crop
 
 
 def test_a_missing_spawrious_folder_is_named_with_the_layout_and_the_download_command(tmp_path):
@@ -269,7 +277,7 @@ def test_image_folders_refuse_a_domain_whose_classes_differ_naming_it(tmp_path):
     with pytest.raises(AppError) as error:
         dataset_spec("ImageFolders", root)
     message = str(error.value)
-    assert f"2 of the 3 domains hold ['cat', 'dog'], but {root / 'a_odd'} lacks ['dog'] and has ['wolf'] too" in message
+    assert f"['cat', 'dog'] in 2 of the 3 domains, but {root / 'a_odd'} lacks ['dog'] and has ['wolf'] too." in message
     assert f"dataset=image_folders reads data_dir={root} as {root}/<domain>/<class>/<image>" in message
     with pytest.raises(AppError, match=r"\(cat, dog\) hold no class folders: is data_dir one domain's folder"):
         dataset_spec("ImageFolders", root / "b")
@@ -290,6 +298,17 @@ def test_the_new_datasets_take_domainbeds_image_hyperparameters():
 
 
 # -- the app ------------------------------------------------------------------------------------------
+
+
+def own_dataset_example():
+    """examples/own_dataset.py, the docs' worked example (Your own dataset)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_dataset.py"
+    spec = importlib.util.spec_from_file_location("own_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_dataset_configs_give_domainbeds_steps_and_checkpoint_frequencies():
@@ -314,7 +333,7 @@ def test_the_dataset_configs_give_domainbeds_steps_and_checkpoint_frequencies():
     [
         ("sviro", "fast", SVIRO_VEHICLES),
         ("spawrious_o2o_medium", "domainbed", ("Test", "SC_group_1", "SC_group_2")),
-        ("image_folders", "fast", ("cartoons", "paintings", "photos")),
+        ("image_folders", "fast", ("filled", "noisy", "outline")),  # the docs' worked example
     ],
 )
 def test_an_app_run_on_each_new_kind_of_dataset(monkeypatch, tmp_path, capsys, dataset, pipeline, domains):
@@ -322,7 +341,7 @@ def test_an_app_run_on_each_new_kind_of_dataset(monkeypatch, tmp_path, capsys, d
     if dataset == "sviro":
         write_sviro(data_dir, images_per_class=1, size=8)
     elif dataset == "image_folders":
-        data_dir = write_image_folder(data_dir, domains, ("cat", "dog", "fox"), images_per_class=2, size=8)
+        data_dir = own_dataset_example().write_toy_dataset(data_dir, images_per_class=2, size=8)
     else:
         write_spawrious(data_dir, images_per_folder=2, size=8)
     run_dir = tmp_path / "run"

@@ -204,7 +204,7 @@ def load_image_folder_domains(
             # to decode it at a reduced scale.
             domains.append(ImageFolder(str(root / folder), loader=str if pipeline == "fast" else reader))
         except (FileNotFoundError, OSError) as error:
-            raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}") from None
+            raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}.") from None
     return image_domains(
         spec, domains, reference_classes, reader, image_size, augment, skip_broken_images, pipeline, decode, finish
     )

@@ -172,7 +172,7 @@ def image_folders_spec(root: Path) -> DatasetSpec:
         details = "; ".join(class_difference(root / domain, classes[domain], reference) for domain in odd)
         raise AppError(
             f"Every domain must hold the same class folders (a class is its folder's name, numbered in sorted "
-            f"order): {len(domains) - len(odd)} of the {len(domains)} domains hold {list(reference)}, but {details}. "
+            f"order): {list(reference)} in {len(domains) - len(odd)} of the {len(domains)} domains, but {details}. "
             f"Rename, add or remove class folders so that they match. {layout}"
         )
     if not reference:
