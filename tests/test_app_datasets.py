@@ -384,3 +384,24 @@ def test_a_sweep_holds_out_each_domain_of_the_users_dataset(tmp_path):
     assert sorted(next(o for o in job if o.startswith("test_envs=")) for job in jobs) == [
         f"test_envs=[{env}]" for env in range(5)
     ]
+
+
+def test_spawrious_samples_and_splits_do_not_depend_on_the_file_systems_order(tmp_path, monkeypatch):
+    """DomainBed takes a folder's first files in os.listdir's order (the file system's); the app sorts them:
+    a file system listing them in another order gives the same filler subsets and the same in/out splits."""
+    write_spawrious(tmp_path, images_per_folder=10, size=4)
+    monkeypatch.setattr(spawrious, "IMAGES_PER_FOLDER", 10)
+
+    def splits() -> list[tuple[list[str], list[str]]]:
+        data = load_domains("SpawriousO2O_hard", tmp_path, image_size=8)
+        module = DomainBedDataModule(data, [0], 0.2, trial_seed=1, seed=0, batch_size=2, steps=1)
+        paths = [[path for path, _ in domain.samples] for domain in data.domains]
+        return [
+            ([paths[d][i] for i in ins], [paths[d][i] for i in outs]) for d, (ins, outs) in enumerate(module.splits)
+        ]
+
+    in_order = splits()
+    listdir = spawrious.os.listdir
+    monkeypatch.setattr(spawrious.os, "listdir", lambda folder: sorted(listdir(folder), reverse=True))
+    assert splits() == in_order
+    assert [len(outs) for _, outs in in_order] == [16, 8, 8]  # int(0.2 × 80), int(0.2 × 40): DomainBed's split
