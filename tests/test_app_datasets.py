@@ -133,32 +133,38 @@ SPAWRIOUS_TABLE = {
 LABELS = {"bulldog": 0, "corgi": 1, "dachshund": 2, "labrador": 3}  # DomainBed's class_list order
 
 
-def expected_spawrious(name: str, per_folder: int, shares=(0.97, 0.87)) -> list[list[tuple[str, int]]]:
-    """Each domain's ``(folder/file, label)`` from the table, for folders of ``per_folder`` files named
-    ``0000.png``...: the first ``n`` files of a folder are the ``n`` smallest names."""
-
-    def files(folder: str, count: int) -> list[tuple[str, int]]:
-        return [(f"{folder}/{i:04d}.png", LABELS[folder.rsplit("/", 1)[1]]) for i in range(count)]
-
+def expected_folders(name: str, per_folder: int, shares=(0.97, 0.87)) -> list[list[tuple[str, int]]]:
+    """Each domain's ``(folder, images taken)`` from the table, for folders of ``per_folder`` images."""
     table = SPAWRIOUS_TABLE[name]
     o2o = "filler" in table
-    test = []
-    for group, pairs in enumerate(table["test"]):
-        for pair in pairs.split():
-            breed, background = pair.split("=")
-            test += files(f"{group if o2o else 0}/{background}/{breed}", per_folder)
+    test = [
+        (f"{group if o2o else 0}/{background}/{breed}", per_folder)
+        for group, pairs in enumerate(table["test"])
+        for breed, background in (pair.split("=") for pair in pairs.split())
+    ]
     train = []
     for group, pairs in enumerate(table["train"]):
         own = int(shares[group] * per_folder) if o2o else per_folder
-        domain = []
-        for pair in pairs.split():
-            breed, background = pair.split("=")
-            domain += files(f"{group if o2o else 0}/{background}/{breed}", own)
+        domain = [
+            (f"{group if o2o else 0}/{background}/{breed}", own)
+            for breed, background in (p.split("=") for p in pairs.split())
+        ]
         if o2o:
-            for breed in ("bulldog", "dachshund", "labrador", "corgi"):
-                domain += files(f"{group}/{table['filler']}/{breed}", per_folder - own)
+            domain += [
+                (f"{group}/{table['filler']}/{breed}", per_folder - own)
+                for breed in ("bulldog", "dachshund", "labrador", "corgi")
+            ]
         train.append(domain)
     return [test, *train]
+
+
+def expected_spawrious(name: str, per_folder: int) -> list[list[tuple[str, int]]]:
+    """Each domain's ``(folder/file, label)`` for folders of ``per_folder`` files named ``0000.png``...: the
+    first ``n`` files of a folder are the ``n`` smallest names."""
+    return [
+        [(f"{folder}/{i:04d}.png", LABELS[folder.rsplit("/", 1)[1]]) for folder, count in domain for i in range(count)]
+        for domain in expected_folders(name, per_folder)
+    ]
 
 
 def test_spawrious_domains_read_domainbeds_folders_and_counts_of_the_full_dataset():
@@ -166,16 +172,13 @@ def test_spawrious_domains_read_domainbeds_folders_and_counts_of_the_full_datase
     2,756 + 412 images per breed, every training domain holds 12,672 images, the test domain 25,344."""
     for name in SPAWRIOUS_TABLE:
         sources = spawrious.domain_sources(name)
-        expected = expected_spawrious(name, 3168)
-        for domain, expected_domain in zip(sources, expected):
-            folders = list(dict.fromkeys(path.rsplit("/", 1)[0] for path, _ in expected_domain))
-            assert [source.folder for source in domain] == folders, name
-            sizes = [min(source.limit or 3168, 3168) for source in domain]
-            assert sum(sizes) == len(expected_domain), name
-        assert [sum(min(s.limit or 3168, 3168) for s in domain) for domain in sources] == [25344, 12672, 12672]
+        taken = [[(source.folder, min(source.limit or 3168, 3168)) for source in domain] for domain in sources]
+        assert taken == expected_folders(name, 3168), name
+        assert [sum(count for _, count in domain) for domain in taken] == [25344, 12672, 12672]
         if "O2O" in name:
             assert [source.limit for source in sources[1]] == [3072] * 4 + [96] * 4
             assert [source.limit for source in sources[2]] == [2756] * 4 + [412] * 4
+        assert all(source.label == LABELS[source.folder.rsplit("/", 1)[1]] for domain in sources for source in domain)
 
 
 @pytest.mark.parametrize("name", list(SPAWRIOUS_TABLE))
@@ -405,3 +408,28 @@ def test_spawrious_samples_and_splits_do_not_depend_on_the_file_systems_order(tm
     monkeypatch.setattr(spawrious.os, "listdir", lambda folder: sorted(listdir(folder), reverse=True))
     assert splits() == in_order
     assert [len(outs) for _, outs in in_order] == [16, 8, 8]  # int(0.2 × 80), int(0.2 × 40): DomainBed's split
+
+
+def test_sviro_and_spawrious_are_fetched_from_domainbeds_sources_once_and_load(monkeypatch, tmp_path):
+    """DomainBed's download.py: SVIRO's zip holds SVIRO_DOMAINBED/ (renamed sviro/), Spawrious' tarball
+    spawrious224/; the six benchmarks share one download (the archives here are generated)."""
+    import tarfile
+
+    from data_factories import zip_tree
+    from test_app_download import serve
+
+    from fishr_lightning.app.data import download
+
+    write_sviro(tmp_path / "source", images_per_class=1, size=4)
+    write_spawrious(tmp_path / "source", images_per_folder=1, size=4)
+    sviro_zip = zip_tree(tmp_path / "source" / "sviro", tmp_path / "sviro.zip", prefix="SVIRO_DOMAINBED")
+    spawrious_tar = tmp_path / "spawrious224.tar.gz"
+    with tarfile.open(spawrious_tar, "w:gz") as tar:
+        tar.add(tmp_path / "source" / "spawrious224", arcname="spawrious224")
+    asked = serve(monkeypatch, {download.SVIRO_URL: sviro_zip, download.SPAWRIOUS_URL: spawrious_tar})
+    data_dir = tmp_path / "data"
+    download.main(["sviro", "spawrious_o2o_easy", "spawrious_m2m_hard", "--data-dir", str(data_dir)])
+    assert asked == [download.SVIRO_URL, download.SPAWRIOUS_URL]
+    assert sorted(path.name for path in data_dir.iterdir()) == ["spawrious224", "sviro"]
+    assert [len(domain) for domain in load_domains("SVIRO", data_dir).domains] == [7] * 10
+    assert [len(domain) for domain in load_domains("SpawriousM2M_hard", data_dir).domains] == [8, 4, 4]
