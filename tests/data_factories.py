@@ -88,6 +88,56 @@ def write_pacs(data_dir: Path, images_per_class: int = 3, size: int = 16) -> Pat
     return Path(data_dir)
 
 
+# DomainBed's SVIRO subset: sviro/<vehicle>/<class>/*.png, greyscale PNGs (its class folders' names are its own:
+# any seven names read the same).
+SVIRO_VEHICLES = ("aclass", "escape", "hilux", "i3", "lexus", "tesla", "tiguan", "tucson", "x5", "zoe")
+SVIRO_CLASSES = tuple(f"class_{index}" for index in range(7))
+
+
+def png_bytes(value: int, size: int, mode: str = "RGB") -> bytes:
+    """A ``size``×``size`` PNG of one grey ``value`` with a light pattern (so an augmentation shows)."""
+    import io
+
+    from PIL import Image
+
+    pixels = (value + np.add.outer(np.arange(size), 3 * np.arange(size)) % 50) % 256
+    image = Image.fromarray(pixels.astype(np.uint8), "L")
+    buffer = io.BytesIO()
+    image.convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_sviro(data_dir: Path, images_per_class: int = 1, size: int = 8) -> Path:
+    """SVIRO as DomainBed's download leaves it: ``data_dir/sviro/<vehicle>/<class>/*.png`` (greyscale)."""
+    for vehicle_index, vehicle in enumerate(SVIRO_VEHICLES):
+        for class_index, name in enumerate(SVIRO_CLASSES):
+            folder = Path(data_dir) / "sviro" / vehicle / name
+            folder.mkdir(parents=True, exist_ok=True)
+            data = png_bytes(30 * class_index + vehicle_index, size, mode="L")
+            for i in range(images_per_class):
+                (folder / f"{vehicle}_{i}.png").write_bytes(data)
+    return Path(data_dir)
+
+
+SPAWRIOUS_BACKGROUNDS = ("beach", "desert", "dirt", "jungle", "mountain", "snow")
+SPAWRIOUS_BREEDS = ("bulldog", "corgi", "dachshund", "labrador")
+
+
+def write_spawrious(data_dir: Path, images_per_folder: int = 3, size: int = 8) -> Path:
+    """Spawrious as its spawrious224.tar.gz extracts: ``data_dir/spawrious224/<0|1>/<background>/<breed>/*.png``
+    (RGB PNGs named ``<i>.png``, written in reverse order of their names), and a ``notes.txt`` that is no image."""
+    for folder in ("0", "1"):
+        for background_index, background in enumerate(SPAWRIOUS_BACKGROUNDS):
+            for breed_index, breed in enumerate(SPAWRIOUS_BREEDS):
+                leaf = Path(data_dir) / "spawrious224" / folder / background / breed
+                leaf.mkdir(parents=True, exist_ok=True)
+                data = png_bytes(60 * breed_index + 7 * background_index, size)
+                for i in reversed(range(images_per_folder)):
+                    (leaf / f"{i:04d}.png").write_bytes(data)
+                (leaf / "notes.txt").write_text("not an image")
+    return Path(data_dir)
+
+
 def zip_tree(source: Path, archive: Path, prefix: str) -> Path:
     """Zip every file under ``source`` as ``prefix/<relative path>`` (an archive as the sources ship it)."""
     import zipfile

@@ -296,7 +296,11 @@ class DomainBedDataModule(pl.LightningDataModule):
         if transform is not None and self.finishes_in_workers:
             if isinstance(transform, FastImageTransform) and transform.decode_on_device:  # the device is the CPU
                 transform = FastImageTransform(
-                    transform.output_size, transform.augment, decode_on_device=False, reader=transform.reader
+                    transform.output_size,
+                    transform.augment,
+                    decode_on_device=False,
+                    reader=transform.reader,
+                    random_crop=transform.random_crop,  # Spawrious' augmentation has none (issue 28)
                 )
             return FinishedInWorker(transform, self.data.batch_transform)
         return transform

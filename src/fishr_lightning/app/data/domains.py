@@ -9,10 +9,17 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fishr_lightning.app.data.image_folders import load_image_folder_domains
+from fishr_lightning.app.data.image_folders import load_image_folder_domains, load_spawrious_domains
 from fishr_lightning.app.data.mnist import load_mnist_domains
 from fishr_lightning.app.data.published import DatasetCountWarning, compare_counts, differing_counts_warning
-from fishr_lightning.app.data.specs import MNIST_DATASETS, WILDS_DATASETS, MultiDomainData, data_error, dataset_spec
+from fishr_lightning.app.data.specs import (
+    MNIST_DATASETS,
+    SPAWRIOUS_DATASETS,
+    WILDS_DATASETS,
+    MultiDomainData,
+    data_error,
+    dataset_spec,
+)
 from fishr_lightning.app.data.synthetic import SAMPLES_PER_DOMAIN, synthetic_domains
 from fishr_lightning.app.data.wilds_datasets import load_wilds_domains
 
@@ -52,7 +59,7 @@ def load_domains(
     files out of the image datasets (``MultiDomainData.skipped_images``); ``pipeline`` (``fast`` or
     ``domainbed``), ``decode`` (``cpu`` or ``device``) and ``finish`` (``auto``, ``device``, ``workers``) are the
     image folders' (``image_folders.py``)."""
-    spec = dataset_spec(name)
+    spec = dataset_spec(name, data_dir)  # ImageFolders: read from data_dir, or an error saying it needs one
     if spec.name == "Synthetic":
         return synthetic_domains(seed=seed, samples_per_domain=samples_per_domain or SAMPLES_PER_DOMAIN)
     if data_dir is None:
@@ -62,4 +69,6 @@ def load_domains(
         return load_mnist_domains(spec, data_dir, seed)
     if spec.name in WILDS_DATASETS:
         return load_wilds_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)
+    if spec.name in SPAWRIOUS_DATASETS:
+        return load_spawrious_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)
     return load_image_folder_domains(spec, data_dir, image_size, augment, skip_broken_images, pipeline, decode, finish)

@@ -99,6 +99,15 @@ WILDS_ARCHIVES = {
     ),
 }
 
+# DomainBed's download.py sources for SVIRO (its DomainBed subset, SVIRO_DOMAINBED/) and Spawrious (spawrious224/).
+SVIRO = Archive("sviro_grayscale_rectangle_classification.zip", ("https://sviro.kl.dfki.de/?wpdmdl=1731",))
+SPAWRIOUS = Archive("spawrious224.tar.gz", ("https://www.dropbox.com/s/e40j553480h3f3s/spawrious224.tar.gz?dl=1",))
+SPAWRIOUS_BENCHMARKS = {
+    f"spawrious_{kind}_{level}": f"Spawrious{kind.upper()}_{level}"
+    for kind in ("o2o", "m2m")
+    for level in ("easy", "medium", "hard")
+}
+
 # The datasets (DomainBed's class names) each ``fishr-download`` name provides: counted after the download
 # and by --check.
 DATASETS: dict[str, tuple[str, ...]] = {
@@ -111,6 +120,8 @@ DATASETS: dict[str, tuple[str, ...]] = {
     "domain_net": ("DomainNet",),
     "wilds_camelyon": ("WILDSCamelyon",),
     "wilds_fmow": ("WILDSFMoW",),
+    "sviro": ("SVIRO",),
+    **{name: (dataset,) for name, dataset in SPAWRIOUS_BENCHMARKS.items()},
 }
 # What each dataset fetches (``--from-archive`` names), by its ``fishr-download`` name.
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
@@ -123,6 +134,8 @@ ARCHIVES: dict[str, tuple[Archive, ...]] = {
     "domain_net": (*DOMAIN_NET, DOMAIN_NET_DUPLICATES),
     "wilds_camelyon": (WILDS_ARCHIVES["camelyon17_v1.0"],),
     "wilds_fmow": (WILDS_ARCHIVES["fmow_v1.1"],),
+    "sviro": (SVIRO,),
+    **{name: (SPAWRIOUS,) for name in SPAWRIOUS_BENCHMARKS},
 }
 
 RETRIES = 5  # attempts after the first, per URL
@@ -389,6 +402,15 @@ def download_wilds(folder: str) -> Callable[[Path, Fetcher], None]:
     return download
 
 
+def download_sviro(data_dir: Path, fetcher: Fetcher) -> None:
+    fetch_and_extract(fetcher, SVIRO, data_dir / SVIRO.name, data_dir)
+    move_into_place(data_dir / "SVIRO_DOMAINBED", data_dir / "sviro")
+
+
+def download_spawrious(data_dir: Path, fetcher: Fetcher) -> None:
+    fetch_and_extract(fetcher, SPAWRIOUS, data_dir / SPAWRIOUS.name, data_dir)  # extracts spawrious224/
+
+
 DOWNLOADERS: dict[str, Callable[[Path, Fetcher], None]] = {
     "colored_mnist": download_mnist,
     "rotated_mnist": download_mnist,
@@ -399,6 +421,9 @@ DOWNLOADERS: dict[str, Callable[[Path, Fetcher], None]] = {
     "domain_net": download_domain_net,
     "wilds_camelyon": download_wilds("camelyon17_v1.0"),
     "wilds_fmow": download_wilds("fmow_v1.1"),
+    "sviro": download_sviro,
+    # The six Spawrious benchmarks read one tree, fetched once (as colored_mnist and rotated_mnist share MNIST).
+    **dict.fromkeys(SPAWRIOUS_BENCHMARKS, download_spawrious),
 }
 
 

@@ -122,14 +122,18 @@ def dct_scale(crop_width: float, crop_height: float, output_size: int) -> int:
     return 1
 
 
-def draw_augmentation(width: int, height: int) -> tuple[tuple[int, int, int, int], Tensor]:
+def draw_augmentation(width: int, height: int, random_crop: bool = True) -> tuple[tuple[int, int, int, int], Tensor]:
     """One sample's DomainBed augmentation, drawn from torch's global RNG exactly as DomainBed's
     ``transforms.Compose`` draws it (same calls, same order, so the same seed gives the same parameters):
-    ``((top, left, crop_height, crop_width), params)`` on the original image's coordinates."""
-    # get_params reads only the image's shape: a stride-0 view of one element stands for it.
-    crop = transforms.RandomResizedCrop.get_params(
-        torch.empty(1, 1, 1).expand(1, height, width), CROP_SCALE, CROP_RATIO
-    )
+    ``((top, left, crop_height, crop_width), params)`` on the original image's coordinates. Without
+    ``random_crop`` (Spawrious' augmentation: a plain resize first), no crop is drawn: the whole image."""
+    if random_crop:
+        # get_params reads only the image's shape: a stride-0 view of one element stands for it.
+        crop = transforms.RandomResizedCrop.get_params(
+            torch.empty(1, 1, 1).expand(1, height, width), CROP_SCALE, CROP_RATIO
+        )
+    else:
+        crop = (0, 0, height, width)
     flip = float(torch.rand(1) < FLIP_P)
     span = (1 - JITTER, 1 + JITTER)
     order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
@@ -182,6 +186,8 @@ class FastImageTransform:
         resize_first: decode the whole file and resize it to ``output_size²`` before the augmentation, whose
             crop is then drawn on that square, as DomainBed's WILDS datasets (``Resize`` before
             ``RandomResizedCrop``: the same crop boxes and the same PIL crop and resize; issue 28).
+        random_crop: the augmentation's random resized crop (DomainBed's); False: the whole image resized
+            (Spawrious' augmentation).
     """
 
     def __init__(
@@ -191,12 +197,14 @@ class FastImageTransform:
         decode_on_device: bool = False,
         reader: ImageReader | None = None,
         resize_first: bool = False,
+        random_crop: bool = True,
     ) -> None:
         self.output_size = output_size
         self.augment = augment
         self.decode_on_device = decode_on_device
         self.reader = reader or ImageReader("")
         self.resize_first = resize_first
+        self.random_crop = random_crop
 
     def __call__(self, path: str | os.PathLike) -> UInt8Images | DeviceJpeg:
         # Both reads go through the dataset's reader: a broken file is an error naming it, a truncated
@@ -208,7 +216,7 @@ class FastImageTransform:
             image = self.reader.read(path, open_image)  # the header only
         width, height = image.size
         if self.augment:
-            (top, left, crop_height, crop_width), params = draw_augmentation(width, height)
+            (top, left, crop_height, crop_width), params = draw_augmentation(width, height, self.random_crop)
             box = (left, top, left + crop_width, top + crop_height)
         else:
             box, params = (0, 0, width, height), NO_AUGMENTATION.clone()
@@ -229,7 +237,8 @@ class FastImageTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(output_size={self.output_size}, augment={self.augment}, "
-            f"decode_on_device={self.decode_on_device}{', resize_first=True' if self.resize_first else ''})"
+            f"decode_on_device={self.decode_on_device}, random_crop={self.random_crop}"
+            f"{', resize_first=True' if self.resize_first else ''})"
         )
 
 

@@ -1,5 +1,6 @@
-"""DomainBed's image-folder datasets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet): one
-torchvision ``ImageFolder`` per domain and DomainBed's transforms (the datamodule applies them per split,
+"""DomainBed's image-folder datasets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet, SVIRO; the user's own,
+``dataset=image_folders``): one torchvision ``ImageFolder`` per domain (Spawrious: a list of files per domain,
+``spawrious.py``) and DomainBed's transforms (the datamodule applies them per split,
 so that only training domains are augmented), through one of two pipelines (``data.pipeline``):
 
 - ``fast`` (the default, issue 20): items ``(path, class)``; the workers decode at a reduced DCT scale,
@@ -14,12 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from fishr_lightning.app import AppError
 from fishr_lightning.app.data.fast_images import DeviceAugmentation, FastImageTransform
 from fishr_lightning.app.data.images import ImageReader, scan_images, warn_truncated
+from fishr_lightning.app.data.spawrious import SPAWRIOUS_CLASSES, spawrious_samples
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData, Transform, data_error
 
 PIPELINES = ("fast", "domainbed")
@@ -49,13 +52,17 @@ def train_image_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     resize_first: bool = False,
+    random_crop: bool = True,
 ) -> Transform:
     """DomainBed's augmentation for training domains (hparam ``data_augmentation``); ``resize_first``: its
-    WILDS datasets' (``WILDSDataset``), which resize to the square before the random crop (issue 28)."""
+    WILDS datasets' (``WILDSDataset``), which resize to the square before the random crop (issue 28); without
+    ``random_crop`` (Spawrious') a plain resize instead of the random resized crop."""
     return transforms.Compose(
         [
             *([transforms.Resize((image_size, image_size))] if resize_first else []),
-            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
+            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0))
+            if random_crop
+            else transforms.Resize((image_size, image_size)),
             transforms.RandomHorizontalFlip(),
             transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
             transforms.RandomGrayscale(),
@@ -121,9 +128,15 @@ def set_image_transforms(
         on_device = data.decode == "device" and not data.resize_first
         reader = data.image_reader
         data.eval_transform = FastImageTransform(image_size, augment=False, decode_on_device=on_device, reader=reader)
+        random_crop = data.spec.random_crop
         data.train_transform = (
             FastImageTransform(
-                image_size, augment=True, decode_on_device=on_device, reader=reader, resize_first=data.resize_first
+                image_size,
+                augment=True,
+                decode_on_device=on_device,
+                reader=reader,
+                resize_first=data.resize_first,
+                random_crop=random_crop,
             )
             if augment
             else data.eval_transform
@@ -132,7 +145,9 @@ def set_image_transforms(
     else:
         data.eval_transform = eval_image_transform(image_size, mean, std)
         data.train_transform = (
-            train_image_transform(image_size, mean, std, data.resize_first) if augment else data.eval_transform
+            train_image_transform(image_size, mean, std, data.resize_first, data.spec.random_crop)
+            if augment
+            else data.eval_transform
         )
         data.batch_transform = None
     data.input_shape = (3, image_size, image_size)
@@ -194,20 +209,39 @@ def load_image_folder_domains(
             )
     domains = []
     # Every file is opened by images.open_image: an unreadable one is an error naming it (issue 19).
-    reader = ImageReader(root, hint=f"fishr-download {spec.download_name} --data-dir {data_dir}")
+    hint = f"fishr-download {spec.download_name} --data-dir {data_dir}" if spec.download_name else ""
+    reader = ImageReader(root, hint=hint)
     for folder in spec.domain_folders:
         try:
             # The fast path opens each file in its transform (FastImageTransform, through the same reader),
             # to decode it at a reduced scale.
             domains.append(ImageFolder(str(root / folder), loader=str if pipeline == "fast" else reader))
         except (FileNotFoundError, OSError) as error:
-            raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}") from None
+            raise data_error(spec, data_dir, f"{root / folder} cannot be read as an image folder: {error}.") from None
+    return image_domains(
+        spec, domains, reference_classes, reader, image_size, augment, skip_broken_images, pipeline, decode, finish
+    )
+
+
+def image_domains(
+    spec: DatasetSpec,
+    domains: list[Any],
+    class_names: list[str],
+    reader: ImageReader,
+    image_size: int,
+    augment: bool,
+    skip_broken_images: bool,
+    pipeline: str,
+    decode: str,
+    finish: str,
+) -> MultiDomainData:
+    """``MultiDomainData`` of image datasets (``ImageFolder``, ``ImageFiles``) with the pipeline's transforms."""
     skipped = skip_unreadable_images(domains) if skip_broken_images else []
     data = MultiDomainData(
         spec=spec,
         domains=domains,
         input_shape=(3, image_size, image_size),
-        class_names=reference_classes,
+        class_names=class_names,
         skipped_images=skipped,
         pipeline=pipeline,
         decode=decode,
@@ -216,6 +250,57 @@ def load_image_folder_domains(
     )
     set_image_transforms(data, image_size, augment)
     return data
+
+
+class ImageFiles(Dataset):
+    """``(image, label)`` for a list of ``(path, label)`` samples, as torchvision's ``ImageFolder`` gives
+    them (the same ``samples``, ``imgs``, ``targets`` and ``loader``): a domain that is no folder tree."""
+
+    def __init__(self, samples: list[tuple[str, int]], loader: Any) -> None:
+        self.samples = list(samples)
+        self.imgs = self.samples
+        self.targets = [label for _, label in self.samples]
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return self.loader(path), label
+
+
+def load_spawrious_domains(
+    spec: DatasetSpec,
+    data_dir: Path,
+    image_size: int,
+    augment: bool,
+    skip_broken_images: bool = False,
+    pipeline: str = "fast",
+    decode: str = "cpu",
+    finish: str = "auto",
+) -> MultiDomainData:
+    """One of Spawrious' six benchmarks (``spawrious.py``): its domains' files, DomainBed's transforms
+    without the random crop."""
+    check_pipeline(pipeline)
+    check_decode(decode, pipeline)
+    check_finish(finish, pipeline, decode)
+    samples = spawrious_samples(spec, data_dir)
+    reader = ImageReader(data_dir / spec.folder, hint=f"fishr-download {spec.download_name} --data-dir {data_dir}")
+    loader = str if pipeline == "fast" else reader  # the fast path opens each file in its transform
+    domains = [ImageFiles(domain, loader) for domain in samples]
+    return image_domains(
+        spec,
+        domains,
+        list(SPAWRIOUS_CLASSES),
+        reader,
+        image_size,
+        augment,
+        skip_broken_images,
+        pipeline,
+        decode,
+        finish,
+    )
 
 
 def skip_unreadable_images(domains: list[ImageFolder]) -> list[str]:

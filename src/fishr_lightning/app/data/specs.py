@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 Transform = Callable[[Any], "Tensor"]
 
+SVIRO_VEHICLES = ("aclass", "escape", "hilux", "i3", "lexus", "tesla", "tiguan", "tucson", "x5", "zoe")
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -29,6 +31,8 @@ class DatasetSpec:
     folder: str = ""  # the dataset's directory under ``data_dir``
     domain_folders: tuple[str, ...] = ()  # image-folder datasets: one folder per environment
     input_shape: tuple[int, ...] = ()  # for image folders: channels only, the size is an option
+    # DomainBed's training augmentation starts with RandomResizedCrop, except Spawrious' (a plain resize).
+    random_crop: bool = True
 
 
 IMAGE_FOLDER_DATASETS = {
@@ -67,8 +71,33 @@ IMAGE_FOLDER_DATASETS = {
             ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
             (3,),
         ),
+        # DomainBed's SVIRO subset: 10 vehicle interiors (its sorted folder names), 7 classes.
+        DatasetSpec("SVIRO", SVIRO_VEHICLES, 7, "sviro", "sviro", SVIRO_VEHICLES, (3,)),
     )
 }
+
+# Spawrious (Lynch et al., 2023): dog breeds on spurious backgrounds, read from spawrious224/ (spawrious.py);
+# the combined test domain comes first, as in DomainBed, and its augmentation has no random crop.
+SPAWRIOUS_DATASETS = {
+    name: DatasetSpec(
+        name,
+        ("Test", "SC_group_1", "SC_group_2"),
+        4,
+        download_name,  # fishr-download spawrious_o2o_easy, ...: one download serves the six
+        "spawrious224",
+        input_shape=(3,),
+        random_crop=False,
+    )
+    for name, download_name in (
+        (f"Spawrious{kind}_{level}", f"spawrious_{kind.lower()}_{level}")
+        for kind in ("O2O", "M2M")
+        for level in ("easy", "medium", "hard")
+    )
+}
+
+# dataset=image_folders: the user's own data_dir/<domain>/<class>/<image> (issue 28); its domains and classes
+# are its folders', so its spec is read from data_dir (image_folders_spec).
+IMAGE_FOLDERS = "ImageFolders"
 
 SYNTHETIC_SPEC = DatasetSpec(
     name="Synthetic",
@@ -104,11 +133,78 @@ WILDS_LAYOUTS = {
 }
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-    specs = {**IMAGE_FOLDER_DATASETS, **WILDS_DATASETS, **MNIST_DATASETS, SYNTHETIC_SPEC.name: SYNTHETIC_SPEC}
+def dataset_spec(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
+    """The dataset ``name`` (DomainBed's class name); ``ImageFolders``' is read from ``data_dir``."""
+    if name == IMAGE_FOLDERS:
+        if data_dir is None:
+            raise AppError(
+                "dataset=image_folders reads its domains and classes from data_dir=PATH "
+                "(PATH/<domain>/<class>/<image>), and none was given."
+            )
+        return image_folders_spec(Path(data_dir).expanduser())
+    specs = {
+        **IMAGE_FOLDER_DATASETS,
+        **WILDS_DATASETS,
+        **SPAWRIOUS_DATASETS,
+        **MNIST_DATASETS,
+        SYNTHETIC_SPEC.name: SYNTHETIC_SPEC,
+    }
     if name not in specs:
-        raise AppError(f"Unknown dataset name {name!r}; the app knows {sorted(specs)}.")
+        raise AppError(f"Unknown dataset name {name!r}; the app knows {sorted([*specs, IMAGE_FOLDERS])}.")
     return specs[name]
+
+
+def holds_tensors(name: str) -> bool:
+    """Whether dataset ``name`` is held as tensors (MNIST, the synthetic one): no image pipeline runs."""
+    return name in MNIST_DATASETS or name == SYNTHETIC_SPEC.name
+
+
+def subfolders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+
+def class_difference(folder: Path, classes: Sequence[str], reference: Sequence[str]) -> str:
+    missing, extra = sorted(set(reference) - set(classes)), sorted(set(classes) - set(reference))
+    parts = [f"lacks {missing}" if missing else "", f"has {extra} too" if extra else ""]
+    return f"{folder} " + " and ".join(part for part in parts if part)
+
+
+def image_folders_spec(root: Path) -> DatasetSpec:
+    """The user's dataset ``root/<domain>/<class>/<image>``: domains and classes in sorted order, as
+    DomainBed's ``MultipleEnvironmentImageFolder`` (sorted folder names) and torchvision's ``ImageFolder``
+    (sorted class folders) number them; every domain must hold the same class folders."""
+    layout = (
+        f"dataset=image_folders reads data_dir={root} as {root}/<domain>/<class>/<image>: one folder per domain, "
+        "the same class folders in each (docs: Your own dataset)."
+    )
+    if not root.is_dir():
+        raise AppError(f"There is no directory {root}. {layout}")
+    domains = subfolders(root)
+    if len(domains) < 2:
+        raise AppError(
+            f"{root} holds {len(domains)} domain folder(s) {domains}; a run needs at least two (one to test on, "
+            f"the others to train on). {layout}"
+        )
+    classes = {domain: tuple(subfolders(root / domain)) for domain in domains}
+    # The class folders most domains share are the dataset's; the others are named (the first domain's on a tie).
+    counts: dict[tuple[str, ...], int] = {}
+    for names in classes.values():
+        counts[names] = counts.get(names, 0) + 1
+    reference = max(counts, key=lambda names: counts[names])  # the first of the most common, in domain order
+    odd = [domain for domain in domains if classes[domain] != reference]
+    if odd:
+        details = "; ".join(class_difference(root / domain, classes[domain], reference) for domain in odd)
+        raise AppError(
+            f"Every domain must hold the same class folders (a class is its folder's name, numbered in sorted "
+            f"order): {list(reference)} in {len(domains) - len(odd)} of the {len(domains)} domains, but {details}. "
+            f"Rename, add or remove class folders so that they match. {layout}"
+        )
+    if not reference:
+        raise AppError(
+            f"The folders of {root} ({', '.join(domains)}) hold no class folders: is data_dir one domain's folder "
+            f"rather than the dataset's? {layout}"
+        )
+    return DatasetSpec(IMAGE_FOLDERS, tuple(domains), len(reference), "", "", tuple(domains), (3,))
 
 
 @dataclass
@@ -148,6 +244,14 @@ def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
         )
     if spec.name in WILDS_LAYOUTS:
         return f"{data_dir / spec.folder}/ as the `wilds` package lays it out: {WILDS_LAYOUTS[spec.name]}"
+    if spec.name in SPAWRIOUS_DATASETS:
+        return (
+            f"{data_dir / spec.folder}/{{0,1}}/<background>/<breed>/<image>.png with the backgrounds beach, "
+            "desert, dirt, jungle, mountain, snow and the breeds bulldog, corgi, dachshund, labrador, as "
+            "Spawrious' spawrious224.tar.gz extracts"
+        )
+    if spec.name == IMAGE_FOLDERS:
+        return f"{data_dir}/<domain>/<class>/<image> with the same class folders in each domain"
     domains = ", ".join(spec.domain_folders)
     return (
         f"{data_dir / spec.folder}/<domain>/<class>/<image> with the domain folders {domains} "
@@ -156,6 +260,10 @@ def expected_layout(spec: DatasetSpec, data_dir: Path) -> str:
 
 
 def data_error(spec: DatasetSpec, data_dir: Path, problem: str) -> AppError:
+    if spec.name == IMAGE_FOLDERS:  # the user's own: nothing to download
+        return AppError(
+            f"{problem} dataset=image_folders reads {expected_layout(spec, data_dir)} (docs: Your own dataset)."
+        )
     return AppError(
         f"{problem} The {spec.name} dataset is read from {expected_layout(spec, data_dir)}. "
         f"Download it with `fishr-download {spec.download_name} --data-dir {data_dir}`, or point "

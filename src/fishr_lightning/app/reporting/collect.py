@@ -68,17 +68,25 @@ DATASET_ORDER = [
     "OfficeHome",
     "TerraIncognita",
     "DomainNet",
+    "SVIRO",
     "WILDSCamelyon",
     "WILDSFMoW",
+    "SpawriousO2O_easy",
+    "SpawriousO2O_medium",
+    "SpawriousO2O_hard",
+    "SpawriousM2M_easy",
+    "SpawriousM2M_medium",
+    "SpawriousM2M_hard",
 ]
 
 
-def environment_labels(dataset: str, domain_count: int) -> list[str]:
-    """Column labels for a dataset's test domains: the app's (DomainBed's) domain names, else ``env0``, ``env1``, ..."""
+def environment_labels(dataset: str, domain_count: int, data_dir: str | None = None) -> list[str]:
+    """Column labels for a dataset's test domains: the app's (DomainBed's) domain names, else ``env0``, ``env1``, ...
+    ``data_dir``: where the runs read it (``ImageFolders``' domains are its folders, when this machine sees them)."""
 
     try:
-        names = dataset_spec(dataset).environments
-    except AppError:
+        names = dataset_spec(dataset, data_dir).environments
+    except (AppError, OSError):
         names = ()
     if len(names) == domain_count:
         return list(names)
@@ -216,10 +224,11 @@ def build_tables(records: Sequence[Record]) -> list[MethodTables]:
     """Per selection method, one table per dataset and the averages table, as DomainBed's collect_results."""
     algorithms = sorted({record["args"]["algorithm"] for record in records}, key=_algorithm_order)
     datasets = sorted({record["args"]["dataset"] for record in records}, key=_dataset_order)
-    domain_counts = {}
+    domain_counts, data_dirs = {}, {}
     for record in records:
         dataset = record["args"]["dataset"]
         domain_counts[dataset] = max(domain_counts.get(dataset, 0), environment_count(record))
+        data_dirs.setdefault(dataset, record["args"].get("data_dir"))
     all_tables = []
     for method in SELECTION_METHODS:
         selected = selected_accuracies(records, method)
@@ -231,7 +240,7 @@ def build_tables(records: Sequence[Record]) -> list[MethodTables]:
                 selected,
                 dataset,
                 algorithms,
-                environment_labels(dataset, domain_counts[dataset]),
+                environment_labels(dataset, domain_counts[dataset], data_dirs[dataset]),
                 title=f"Dataset: {dataset}, model selection method: {method.name}",
             )
             for dataset in datasets

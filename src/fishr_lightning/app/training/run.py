@@ -38,7 +38,7 @@ from fishr_lightning.app.data.datamodule import DomainBedDataModule, check_batch
 from fishr_lightning.app.data.domains import load_domains
 from fishr_lightning.app.data.image_folders import check_decode, check_finish, check_pipeline, use_input_config
 from fishr_lightning.app.data.images import TRUNCATED_IMAGES_ENV
-from fishr_lightning.app.data.specs import IMAGE_FOLDER_DATASETS, WILDS_DATASETS, check_test_envs, dataset_spec
+from fishr_lightning.app.data.specs import check_test_envs, dataset_spec, holds_tensors
 from fishr_lightning.app.reporting.records import AVERAGED_FILE, DONE_FILE, read_records
 from fishr_lightning.app.reporting.results import RecordWriter
 from fishr_lightning.app.seeding import DOMAINBED_SEED, domainbed_sweep_seed
@@ -206,7 +206,7 @@ def config_choice(group: str) -> str | None:
 def run_args(cfg: DictConfig, run_dir: Path, test_envs: list[int]) -> dict[str, Any]:
     """DomainBed's ``args`` record (what its collect_results.py groups by), plus the app's choices."""
     pipeline, decode, finish = data_options(cfg)
-    if dataset_spec(cfg.dataset.name).name not in {**IMAGE_FOLDER_DATASETS, **WILDS_DATASETS}:
+    if holds_tensors(cfg.dataset.name):
         pipeline = "tensors"  # MNIST and the synthetic dataset are tensors: no image pipeline runs
     return {
         "dataset": cfg.dataset.name,
@@ -247,7 +247,7 @@ def data_options(cfg: DictConfig) -> tuple[str, str, str]:
 def train(cfg: DictConfig) -> dict[str, Any] | None:
     """One run; returns its last record, or ``None`` when the run directory says ``done``."""
     run_dir = run_directory(cfg)
-    spec = dataset_spec(cfg.dataset.name)
+    spec = dataset_spec(cfg.dataset.name, cfg.data_dir)  # dataset=image_folders: its domains are data_dir's
     test_envs = check_test_envs(
         OmegaConf.to_container(cfg.test_envs) if OmegaConf.is_list(cfg.test_envs) else cfg.test_envs, spec
     )

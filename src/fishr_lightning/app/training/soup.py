@@ -231,7 +231,7 @@ class SoupEvaluator:
                 "each run (dataset size, loader, data pipeline). Run the members with the app (python train.py -m ...)."
             )
         cfg = OmegaConf.load(config_path)
-        spec = dataset_spec(args["dataset"])
+        spec = dataset_spec(args["dataset"], args["data_dir"])
         pipeline, decode, finish = data_options(cfg)
         data = load_domains(
             spec.name,

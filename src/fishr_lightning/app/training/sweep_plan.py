@@ -60,7 +60,7 @@ def job_test_envs(cfg: DictConfig):
 def job_dataset_and_test_envs(cfg: DictConfig | None) -> tuple[DatasetSpec | None, Any]:
     """The job's dataset and ``test_envs``; ``None`` for what its config cannot give (its problem says why)."""
     try:
-        return dataset_spec(cfg.dataset.name), job_test_envs(cfg)
+        return dataset_spec(cfg.dataset.name, cfg.get("data_dir")), job_test_envs(cfg)
     except (AppError, OmegaConfBaseException, AttributeError):  # AttributeError: no config (composition failed)
         return None, None
 
@@ -139,9 +139,9 @@ def check_job_config(cfg: DictConfig) -> None:
     check_top_level_keys(cfg)
     test_envs = job_test_envs(cfg)
     if not (isinstance(test_envs, str) and test_envs in TEST_ENV_SETS):
-        check_test_envs(test_envs, dataset_spec(cfg.dataset.name))
+        check_test_envs(test_envs, dataset_spec(cfg.dataset.name, cfg.get("data_dir")))
     else:
-        dataset_spec(cfg.dataset.name)
+        dataset_spec(cfg.dataset.name, cfg.get("data_dir"))
     check_run_options(cfg)
     check_ckpt_path_option(cfg.ckpt_path)
     data_options(cfg)
