@@ -412,24 +412,31 @@ def test_spawrious_samples_and_splits_do_not_depend_on_the_file_systems_order(tm
 
 def test_sviro_and_spawrious_are_fetched_from_domainbeds_sources_once_and_load(monkeypatch, tmp_path):
     """DomainBed's download.py: SVIRO's zip holds SVIRO_DOMAINBED/ (renamed sviro/), Spawrious' tarball
-    spawrious224/; the six benchmarks share one download (the archives here are generated)."""
+    spawrious224/; the six benchmarks share one download (the archives here are generated, served on 127.0.0.1)."""
     import tarfile
 
     from data_factories import zip_tree
-    from test_app_download import serve
+    from test_app_download import ArchiveServer, route
 
     from fishr_lightning.app.data import download
 
+    assert download.SVIRO.urls[0] == "https://sviro.kl.dfki.de/?wpdmdl=1731"  # DomainBed's sources
+    assert download.SPAWRIOUS.urls[0].startswith("https://www.dropbox.com/s/e40j553480h3f3s/spawrious224.tar.gz")
     write_sviro(tmp_path / "source", images_per_class=1, size=4)
     write_spawrious(tmp_path / "source", images_per_folder=1, size=4)
     sviro_zip = zip_tree(tmp_path / "source" / "sviro", tmp_path / "sviro.zip", prefix="SVIRO_DOMAINBED")
     spawrious_tar = tmp_path / "spawrious224.tar.gz"
     with tarfile.open(spawrious_tar, "w:gz") as tar:
         tar.add(tmp_path / "source" / "spawrious224", arcname="spawrious224")
-    asked = serve(monkeypatch, {download.SVIRO_URL: sviro_zip, download.SPAWRIOUS_URL: spawrious_tar})
-    data_dir = tmp_path / "data"
-    download.main(["sviro", "spawrious_o2o_easy", "spawrious_m2m_hard", "--data-dir", str(data_dir)])
-    assert asked == [download.SVIRO_URL, download.SPAWRIOUS_URL]
+    server = ArchiveServer()
+    try:
+        route(monkeypatch, server, "SVIRO", sviro_zip.read_bytes())
+        route(monkeypatch, server, "SPAWRIOUS", spawrious_tar.read_bytes())
+        data_dir = tmp_path / "data"
+        download.main(["sviro", "spawrious_o2o_easy", "spawrious_m2m_hard", "--data-dir", str(data_dir)])
+    finally:
+        server.close()
+    assert [entry[0] for entry in server.log] == [download.SVIRO.name, download.SPAWRIOUS.name]  # once each
     assert sorted(path.name for path in data_dir.iterdir()) == ["spawrious224", "sviro"]
     assert [len(domain) for domain in load_domains("SVIRO", data_dir).domains] == [7] * 10
     assert [len(domain) for domain in load_domains("SpawriousM2M_hard", data_dir).domains] == [8, 4, 4]
