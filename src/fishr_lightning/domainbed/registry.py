@@ -12,6 +12,10 @@ from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, DomainBedErr
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "RSC": "rsc:RSC",
+    "ANDMask": "gradient_masks:ANDMask",
+    "SANDMask": "gradient_masks:SANDMask",
+    "IGA": "iga:IGA",
 }
 
 # DomainBed's 34 algorithms, in the order of its ALGORITHMS list.
