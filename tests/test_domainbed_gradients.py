@@ -265,6 +265,22 @@ def test_fishr_callback_is_refused_on_iga_and_bad_ablation_options_are_errors():
         build("IGA", iga_fishr_lambda=1.0, nonlinear_classifier=True)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_and_a_gradient_scaler_are_refused_with_the_reason(name):
+    from types import SimpleNamespace
+
+    module = build(name)
+    module._trainer = SimpleNamespace(world_size=2, precision="32-true")
+    with pytest.raises(DomainBedError, match=rf"{name} cannot run under DDP \(2 processes\): its .*devices=1"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(world_size=1, precision="16-mixed")
+    if name in ("ANDMask", "SANDMask"):  # they set the gradients themselves: the scaler would unscale them
+        with pytest.raises(DomainBedError, match="sets the parameters' gradients itself.*bf16-mixed"):
+            module.on_fit_start()
+    else:
+        module.on_fit_start()
+
+
 # --- registry, state dicts --------------------------------------------------------------------------------
 # DomainBed's hparams_registry (computed once from facebookresearch/DomainBed's code): the defaults, and the
 # draw of random_hparams(name, "PACS", seed=12345).

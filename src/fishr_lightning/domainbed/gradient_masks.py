@@ -38,17 +38,20 @@ class AbstractGradientMask(ERM):
     retain_graph = False
 
     def update(self, minibatches: Minibatches, unlabeled: Minibatches | None = None) -> dict[str, float]:
+        # DomainBed's self.network.parameters(), less frozen ones (the app's init=linear_probe freezes the
+        # featurizer): autograd.grad refuses a tensor that does not require grad. All train in DomainBed.
+        parameters = [p for p in self.network.parameters() if p.requires_grad]
         mean_loss = 0.0
-        param_gradients: list[list[Tensor]] = [[] for _ in self.network.parameters()]
+        param_gradients: list[list[Tensor]] = [[] for _ in parameters]
         for x, y in minibatches:
             logits = self.network(x)
             env_loss = F.cross_entropy(logits, y)
             mean_loss += env_loss.item() / len(minibatches)
-            env_grads = autograd.grad(env_loss, list(self.network.parameters()), retain_graph=self.retain_graph)
+            env_grads = autograd.grad(env_loss, parameters, retain_graph=self.retain_graph)
             for grads, env_grad in zip(param_gradients, env_grads):
                 grads.append(env_grad)
         self.optimizer_named("optimizer").zero_grad()
-        self.mask_grads(param_gradients, self.network.parameters())
+        self.mask_grads(param_gradients, parameters)
         self.step("optimizer")
         self.after_step()
         return {"loss": mean_loss}

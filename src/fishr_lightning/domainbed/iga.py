@@ -46,6 +46,10 @@ class IGA(ERM):
         "its penalty is the squared distance between each domain's whole-minibatch gradient and their mean, which "
         "neither a rank's shard nor the ranks' averaged penalties give"
     )
+    quirks = (
+        "the penalty sums over the domains and over every parameter of the network (not a mean): its scale, and so "
+        "what the registry's penalty=1000 means, depends on the network's size",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,8 +86,10 @@ class IGA(ERM):
 
     @property
     def penalised_parameters(self) -> list[nn.Parameter]:
-        """The parameters whose gradients IGA aligns: the whole network (DomainBed's) or the classifier's."""
-        return list((self.classifier if self.classifier_only else self.network).parameters())
+        """The parameters whose gradients IGA aligns: the whole network (DomainBed's) or the classifier's (frozen
+        ones left out, as for the gradient masks: autograd.grad refuses them)."""
+        network = self.classifier if self.classifier_only else self.network
+        return [p for p in network.parameters() if p.requires_grad]
 
     def update(self, minibatches: Minibatches, unlabeled: Minibatches | None = None) -> dict[str, float]:
         parameters = self.penalised_parameters
