@@ -40,9 +40,14 @@ from fishr_lightning.baselines import (
     VRExCallback,
 )
 from fishr_lightning.baselines import functional as BF
+from fishr_lightning.domainbed import build_algorithm, default_hparams
 
 ALGORITHMS = ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD"]
 PER_DOMAIN_FORWARD = {"CORAL", "MMD", "GroupDRO", "Mixup"}
+# fishr_lightning.domainbed's modules (issue 26), DomainBed's update with the ResNet as featurizer: the forwards
+# of the featurizer each makes per step.
+DOMAINBED_FORWARDS = {"RSC": "one", "ANDMask": "one per domain", "SANDMask": "one per domain", "IGA": "one per domain"}
+ALGORITHMS += list(DOMAINBED_FORWARDS)
 
 
 def callbacks_for(algorithm: str, num_domains: int) -> list[pl.Callback]:
@@ -110,15 +115,27 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def domainbed_module(algorithm: str, args: argparse.Namespace) -> pl.LightningModule:
+    """``build_algorithm`` with DomainBed's DomainNet defaults (lr 5e-5, as the app's module here)."""
+    hparams = default_hparams(algorithm, "DomainNet")
+    shape = (3, args.image_size, args.image_size)
+    featurizer = lambda input_shape, hparams: ResNetFeatures(args.features)  # noqa: E731
+    return build_algorithm(algorithm, shape, args.classes, args.domains, hparams, featurizer=featurizer)
+
+
 def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
     """One fit; the seconds of each step after warm-up."""
     pl.seed_everything(0, verbose=False)
-    module = DomainClassifier(
-        ResNetFeatures(args.features),
-        num_classes=args.classes,
-        lr=5e-5,
-        per_domain_forward=algorithm in PER_DOMAIN_FORWARD,
-        mixup_alpha=0.2 if algorithm == "Mixup" else None,
+    module = (
+        DomainClassifier(
+            ResNetFeatures(args.features),
+            num_classes=args.classes,
+            lr=5e-5,
+            per_domain_forward=algorithm in PER_DOMAIN_FORWARD,
+            mixup_alpha=0.2 if algorithm == "Mixup" else None,
+        )
+        if algorithm not in DOMAINBED_FORWARDS
+        else domainbed_module(algorithm, args)
     )
     timer = StepTimer()
     trainer = pl.Trainer(
@@ -129,7 +146,7 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, *callbacks_for(algorithm, args.domains)],
+        callbacks=[timer, *([] if algorithm in DOMAINBED_FORWARDS else callbacks_for(algorithm, args.domains))],
     )
     data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -195,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps after {args.warmup} warm-up steps each.\n"
     )
     steps = {algorithm: [] for algorithm in ALGORITHMS}
-    alone = {algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr")}
+    alone = {
+        algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr", *DOMAINBED_FORWARDS)
+    }
     for _ in range(args.rounds):
         for algorithm in ALGORITHMS:
             steps[algorithm] += step_times(algorithm, args)
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     for algorithm in ALGORITHMS:
         ms = statistics.median(steps[algorithm])
         penalty = f"{1000 * statistics.median(alone[algorithm]):.1f}" if algorithm in alone else "-"
-        forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else "one"
+        forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else DOMAINBED_FORWARDS.get(algorithm, "one")
         print(f"| {algorithm} | {forwards} | {1000 * ms:.0f} | {ms / erm:.2f} | {penalty} |", flush=True)
 
 

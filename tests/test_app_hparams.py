@@ -188,7 +188,10 @@ def test_a_search_distribution_under_an_algorithms_name_applies_to_its_runs_only
             r"'lamda' is not a hyperparameter of Fishr on PACS; its hyperparameters "
             r"are batch_size, class_balanced, data_augmentation, ema, lambda, lr",
         ),
-        ({"irm_lambda": ["log10_uniform", 1, 5]}, r"It is IRM(, \w+)*'s: write \+hparams_search.IRM.irm_lambda=\[...\]"),
+        (
+            {"irm_lambda": ["log10_uniform", 1, 5]},
+            r"It is IRM(, \w+)*'s: write \+hparams_search.IRM.irm_lambda=\[...\]",
+        ),
         ({"IRM": {"lambda": ["log10_uniform", 1, 5]}}, r"'lambda' is not a hyperparameter of IRM on PACS"),
         (
             {"lambda": ["loguniform", 1, 5]},

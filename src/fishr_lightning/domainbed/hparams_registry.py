@@ -27,30 +27,43 @@ Sampler = Callable[[np.random.RandomState], Any]
 # DomainBed's names of the algorithms with registered hyperparameters.
 ALGORITHMS = (
     "ERM",
-    "Fishr",
+    "ERMPlusPlus",
     "IRM",
-    "VREx",
-    "CORAL",
-    "MMD",
     "GroupDRO",
     "Mixup",
+    "CORAL",
+    "MMD",
+    "VREx",
+    "RSC",
     "SD",
+    "ANDMask",
+    "SANDMask",
+    "IGA",
+    "Fishr",
     "IB_ERM",
     "IB_IRM",
+    "CAD",
+    "CondCAD",
     "CausIRL_CORAL",
     "CausIRL_MMD",
     "EQRM",
-    "CAD",
-    "CondCAD",
-    "URM",
-    "ERMPlusPlus",
     "ADRMX",
+    "URM",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
 # as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
 # defaults and draws stay DomainBed's. vrex_ema: "V-REx with EMA" (Tables 9-10), VRExCallback(ema=...).
-ABLATION_HPARAMS = {"vrex_ema": 0.0}
+# IGA's (Tables 11-12): iga_classifier_only (the classifier's gradients, not the whole network's), iga_ema (an EMA
+# of each domain's gradient), iga_fishr_lambda/_penalty_anneal_iters/_ema (Fishr + IGA); see domainbed/iga.py.
+ABLATION_HPARAMS = {
+    "vrex_ema": 0.0,
+    "iga_classifier_only": False,
+    "iga_ema": 0.0,
+    "iga_fishr_lambda": 0.0,
+    "iga_fishr_penalty_anneal_iters": 0,
+    "iga_fishr_ema": 0.95,
+}
 
 
 # DomainBed's protocols (issue 27): "classic", its registry's common keys when the Fishr paper ran it (the
@@ -148,6 +161,16 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["mlp_width"] = (256, lambda r: int(r.choice([256])))
         hparams["mlp_depth"] = (9, lambda r: int(r.choice([8, 9, 10])))
         hparams["mlp_dropout"] = (0.0, lambda r: float(r.choice([0])))
+    elif algorithm == "RSC":
+        hparams["rsc_f_drop_factor"] = (1 / 3, lambda r: float(r.uniform(0, 0.5)))
+        hparams["rsc_b_drop_factor"] = (1 / 3, lambda r: float(r.uniform(0, 0.5)))
+    elif algorithm == "ANDMask":
+        hparams["tau"] = (1, lambda r: float(r.uniform(0.5, 1.0)))
+    elif algorithm == "IGA":
+        hparams["penalty"] = (1000, lambda r: float(10 ** r.uniform(1, 5)))
+    elif algorithm == "SANDMask":
+        hparams["tau"] = (1.0, lambda r: float(r.uniform(0.0, 1.0)))
+        hparams["k"] = (1e1, lambda r: float(10 ** r.uniform(-3, 5)))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 
