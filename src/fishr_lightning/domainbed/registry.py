@@ -12,6 +12,10 @@ from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, DomainBedErr
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "DANN": "dann:DANN",
+    "CDANN": "dann:CDANN",
+    "SagNet": "sagnet:SagNet",
+    "SelfReg": "selfreg:SelfReg",
 }
 
 # DomainBed's 34 algorithms, in the order of its ALGORITHMS list.
