@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from fishr_lightning.domainbed.algorithm import Minibatches
 from fishr_lightning.domainbed.erm import ERM
