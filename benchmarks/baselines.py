@@ -5,7 +5,10 @@ app's module (``fishr_lightning.app.training.module.DomainClassifier``) over a R
 linear map to 2048 features, through Lightning, every penalty on from step 0. CORAL, MMD, GroupDRO
 and Mixup run as the app runs them: the ResNet's BatchNorm trains, so the featurizer runs once per
 domain (per pair for Mixup), as DomainBed does. A second table times each penalty alone (the head's
-forward, the penalty and the backward into the features), which is what the callbacks add.
+forward, the penalty and the backward into the features), which is what the callbacks add. DANN, CDANN,
+SagNet and SelfReg are DomainBed's classes (``fishr_lightning.domainbed.build_algorithm``, issue 26) over the
+same featurizer with DomainBed's DomainNet defaults, their own networks and optimizers; DANN's and CDANN's
+steps alternate between the discriminator and the generator (the figure is the median over both kinds).
 
     python benchmarks/baselines.py                                  # CPU: ResNet-18 at 64²
     python benchmarks/baselines.py --device cuda --image-size 224   # a GPU
@@ -40,9 +43,14 @@ from fishr_lightning.baselines import (
     VRExCallback,
 )
 from fishr_lightning.baselines import functional as BF
+from fishr_lightning.domainbed import build_algorithm, default_hparams
 
 ALGORITHMS = ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD"]
 PER_DOMAIN_FORWARD = {"CORAL", "MMD", "GroupDRO", "Mixup"}
+# DomainBed's algorithms built by fishr_lightning.domainbed.build_algorithm (issue 26): their own networks and
+# optimizers over the same featurizer, DomainBed's DomainNet defaults; the featurizer's forwards per update.
+DOMAINBED_BUILT = {"DANN": "one", "CDANN": "one", "SagNet": "three", "SelfReg": "one"}
+ALGORITHMS += list(DOMAINBED_BUILT)
 
 
 def callbacks_for(algorithm: str, num_domains: int) -> list[pl.Callback]:
@@ -111,6 +119,16 @@ class StepTimer(pl.Callback):
 def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
     """One fit; the seconds of each step after warm-up."""
     pl.seed_everything(0, verbose=False)
+    if algorithm in DOMAINBED_BUILT:
+        module = build_algorithm(
+            algorithm,
+            (3, args.image_size, args.image_size),
+            args.classes,
+            args.domains,
+            default_hparams(algorithm, "DomainNet"),
+            featurizer=lambda shape, hparams: ResNetFeatures(args.features),
+        )
+        return fit_times(module, [], args)
     module = DomainClassifier(
         ResNetFeatures(args.features),
         num_classes=args.classes,
@@ -118,6 +136,11 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         per_domain_forward=algorithm in PER_DOMAIN_FORWARD,
         mixup_alpha=0.2 if algorithm == "Mixup" else None,
     )
+    return fit_times(module, callbacks_for(algorithm, args.domains), args)
+
+
+def fit_times(module: pl.LightningModule, callbacks: list[pl.Callback], args: argparse.Namespace) -> list[float]:
+    """``module``'s fit on the random images; the seconds of each step after warm-up."""
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -127,7 +150,7 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, *callbacks_for(algorithm, args.domains)],
+        callbacks=[timer, *callbacks],
     )
     data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -181,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated; ERM is always timed")
     args = parser.parse_args(argv)
+    algorithms = ["ERM", *(name for name in args.algorithms.split(",") if name != "ERM")]
+    unknown = [name for name in algorithms if name not in ALGORITHMS]
+    if unknown:
+        parser.error(f"--algorithms: unknown {', '.join(unknown)}; choose among {', '.join(ALGORITHMS)}")
     args.classes, args.features, args.domains, args.per_domain = 345, 2048, 5, 32
     if args.tiny:
         args.image_size, args.steps, args.warmup, args.features, args.per_domain, args.rounds = 32, 2, 1, 64, 4, 1
@@ -192,20 +220,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.domains}×{args.per_domain} samples; ResNet-18 at {args.image_size}²; median of {args.rounds} rounds × "
         f"{args.steps} steps after {args.warmup} warm-up steps each.\n"
     )
-    steps = {algorithm: [] for algorithm in ALGORITHMS}
-    alone = {algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr")}
+    steps = {algorithm: [] for algorithm in algorithms}
+    no_penalty = ("ERM", "Mixup", "Fishr", *DOMAINBED_BUILT)
+    alone = {algorithm: [] for algorithm in algorithms if algorithm not in no_penalty}
     for _ in range(args.rounds):
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             steps[algorithm] += step_times(algorithm, args)
             if algorithm in alone:
                 alone[algorithm] += penalty_times(algorithm, args)
     print("| algorithm | forwards of the featurizer | step ms | × ERM | penalty alone ms |")
     print("| --- | --- | --- | --- | --- |")
     erm = statistics.median(steps["ERM"])
-    for algorithm in ALGORITHMS:
+    for algorithm in algorithms:
         ms = statistics.median(steps[algorithm])
         penalty = f"{1000 * statistics.median(alone[algorithm]):.1f}" if algorithm in alone else "-"
-        forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else "one"
+        forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else DOMAINBED_BUILT.get(algorithm, "one")
         print(f"| {algorithm} | {forwards} | {1000 * ms:.0f} | {ms / erm:.2f} | {penalty} |", flush=True)
 
 
