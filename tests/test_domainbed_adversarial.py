@@ -266,8 +266,9 @@ def test_sagnet_and_selfreg_updates_equal_domainbeds_given_the_draws_and_resume_
     trainer = fit(resumed, batches[2:] + batches[:2], ckpt_path=str(tmp_path / "two.ckpt"), root=str(tmp_path))
     assert trainer.global_step == 4
     assert_same_state(resumed.state_dict(), module.state_dict())
-    for optimizer, expected in zip(trainer.optimizers, uninterrupted.optimizers, strict=True):
-        for state, expected_state in zip(optimizer.state.values(), expected.state.values(), strict=True):
+    for optimizer, uninterrupted_optimizer in zip(trainer.optimizers, uninterrupted.optimizers, strict=True):
+        states = zip(optimizer.state.values(), uninterrupted_optimizer.state.values(), strict=True)
+        for state, expected_state in states:
             assert_same_state(state, expected_state)
 
 
