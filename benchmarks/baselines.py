@@ -5,7 +5,10 @@ app's module (``fishr_lightning.app.training.module.DomainClassifier``) over a R
 linear map to 2048 features, through Lightning, every penalty on from step 0. CORAL, MMD, GroupDRO
 and Mixup run as the app runs them: the ResNet's BatchNorm trains, so the featurizer runs once per
 domain (per pair for Mixup), as DomainBed does. A second table times each penalty alone (the head's
-forward, the penalty and the backward into the features), which is what the callbacks add.
+forward, the penalty and the backward into the features), which is what the callbacks add. DANN, CDANN,
+SagNet and SelfReg are DomainBed's classes (``fishr_lightning.domainbed.build_algorithm``, issue 26) over the
+same featurizer with DomainBed's DomainNet defaults, their own networks and optimizers; DANN's and CDANN's
+steps alternate between the discriminator and the generator (the figure is the median over both kinds).
 
     python benchmarks/baselines.py                                  # CPU: ResNet-18 at 64²
     python benchmarks/baselines.py --device cuda --image-size 224   # a GPU
@@ -46,7 +49,16 @@ ALGORITHMS = ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup"
 PER_DOMAIN_FORWARD = {"CORAL", "MMD", "GroupDRO", "Mixup"}
 # fishr_lightning.domainbed's modules (issue 26), DomainBed's update with the ResNet as featurizer: the forwards
 # of the featurizer each makes per step.
-DOMAINBED_FORWARDS = {"RSC": "one", "ANDMask": "one per domain", "SANDMask": "one per domain", "IGA": "one per domain"}
+DOMAINBED_FORWARDS = {
+    "DANN": "one",
+    "CDANN": "one",
+    "SagNet": "three",
+    "SelfReg": "one",
+    "RSC": "one",
+    "ANDMask": "one per domain",
+    "SANDMask": "one per domain",
+    "IGA": "one per domain",
+}
 ALGORITHMS += list(DOMAINBED_FORWARDS)
 
 
@@ -137,6 +149,11 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         if algorithm not in DOMAINBED_FORWARDS
         else domainbed_module(algorithm, args)
     )
+    return fit_times(module, callbacks_for(algorithm, args.domains), args)
+
+
+def fit_times(module: pl.LightningModule, callbacks: list[pl.Callback], args: argparse.Namespace) -> list[float]:
+    """``module``'s fit on the random images; the seconds of each step after warm-up."""
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -200,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated; ERM is always timed")
     args = parser.parse_args(argv)
+    algorithms = ["ERM", *(name for name in args.algorithms.split(",") if name != "ERM")]
+    unknown = [name for name in algorithms if name not in ALGORITHMS]
+    if unknown:
+        parser.error(f"--algorithms: unknown {', '.join(unknown)}; choose among {', '.join(ALGORITHMS)}")
     args.classes, args.features, args.domains, args.per_domain = 345, 2048, 5, 32
     if args.tiny:
         args.image_size, args.steps, args.warmup, args.features, args.per_domain, args.rounds = 32, 2, 1, 64, 4, 1
@@ -216,14 +238,14 @@ def main(argv: list[str] | None = None) -> None:
         algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr", *DOMAINBED_FORWARDS)
     }
     for _ in range(args.rounds):
-        for algorithm in ALGORITHMS:
+        for algorithm in algorithms:
             steps[algorithm] += step_times(algorithm, args)
             if algorithm in alone:
                 alone[algorithm] += penalty_times(algorithm, args)
     print("| algorithm | forwards of the featurizer | step ms | × ERM | penalty alone ms |")
     print("| --- | --- | --- | --- | --- |")
     erm = statistics.median(steps["ERM"])
-    for algorithm in ALGORITHMS:
+    for algorithm in algorithms:
         ms = statistics.median(steps[algorithm])
         penalty = f"{1000 * statistics.median(alone[algorithm]):.1f}" if algorithm in alone else "-"
         forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else DOMAINBED_FORWARDS.get(algorithm, "one")

@@ -39,6 +39,7 @@ BACKBONES = ["resnet50", "resnet18", "mnist_cnn", "mlp"]
 TIMM_BACKBONES = ["timm", "resnet50_augmix", "dinov2_vitb14", "clip_vitb16", "convnext_tiny", "vit_small"]
 ALGORITHMS = ["erm", "fishr", "irm", "vrex", "coral", "mmd", "groupdro", "mixup", "sd"]
 ALGORITHM_NAMES = dict(zip(ALGORITHMS, ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD"]))
+# DomainBed's algorithms built by fishr_lightning.domainbed (domainbed: true); tests/test_domainbed_*.py compose them.
 TOP_LEVEL_KEYS = {
     "data_dir",
     "test_envs",

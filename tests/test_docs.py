@@ -69,7 +69,7 @@ def test_every_page_of_the_navigation_is_built(site: Path) -> None:
     for page in ("", "lightning", "app", "sweeps", "paper", "averaging", "backbones", "benchmarks", "changelog",
                  "contributing", "api/core", "api/functional", "api/baselines", "api/domainbed", "api/averaging", "api/hessian_alignment", "api/app",
                  "baselines", "baselines/gradient_statistics", "baselines/feature_alignment",
-                 "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing"):  # fmt: skip
+                 "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing", "baselines/adversarial"):  # fmt: skip
         assert (site / page / "index.html").is_file(), f"page {page or 'index'} not built"
     assert "Keep a Changelog" in page_text(site, "changelog")
     assert "what Fishr costs over ERM" in page_text(site, "benchmarks")

@@ -49,6 +49,18 @@ ALGORITHMS = (
     "EQRM",
     "ADRMX",
     "URM",
+    "Fishr",
+    "IRM",
+    "VREx",
+    "CORAL",
+    "MMD",
+    "GroupDRO",
+    "Mixup",
+    "SD",
+    "DANN",
+    "CDANN",
+    "SagNet",
+    "SelfReg",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -97,7 +109,20 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     }
     if protocol == "2024":
         hparams.update(PROTOCOL_2024_HPARAMS)
-    if algorithm == "Fishr":
+    if algorithm in ("DANN", "CDANN"):
+        hparams["lambda"] = (1.0, lambda r: float(10 ** r.uniform(-2, 2)))
+        hparams["weight_decay_d"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
+        hparams["d_steps_per_g_step"] = (1, lambda r: int(2 ** r.uniform(0, 3)))
+        hparams["grad_penalty"] = (0.0, lambda r: float(10 ** r.uniform(-2, 1)))
+        hparams["beta1"] = (0.5, lambda r: float(r.choice([0.0, 0.5])))
+        hparams["mlp_width"] = (256, lambda r: int(2 ** r.uniform(6, 10)))
+        hparams["mlp_depth"] = (3, lambda r: int(r.choice([3, 4, 5])))
+        hparams["mlp_dropout"] = (0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])))
+    elif algorithm == "SagNet":
+        hparams["sag_w_adv"] = (0.1, lambda r: float(10 ** r.uniform(-2, 1)))
+    elif algorithm == "SelfReg":
+        pass  # DomainBed's registry has no SelfReg entry: the common ones only
+    elif algorithm == "Fishr":
         # Rame et al. 2022, Appendix D / DomainBed's registry. The synthetic default trains for
         # 1500 steps in all: its warm-up is shorter than DomainBed's 1500 (the paper's Colored
         # MNIST script warms up for 190 steps).
@@ -190,6 +215,15 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
             hparams["lr"] = (3e-3, lambda r: float(r.choice([5e-4, 1e-3, 2e-3, 3e-3])))
         else:
             hparams["lr"] = (3e-5, lambda r: float(r.choice([2e-5, 3e-5, 4e-5, 5e-5])))
+    if algorithm in ("DANN", "CDANN"):  # DomainBed's generator and discriminator learning rates, after batch_size
+        if small:
+            hparams["lr_g"] = (1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)))
+            hparams["lr_d"] = (1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)))
+            hparams["weight_decay_g"] = (0.0, lambda r: 0.0)
+        else:
+            hparams["lr_g"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
+            hparams["lr_d"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
+            hparams["weight_decay_g"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
     return hparams
 
 
