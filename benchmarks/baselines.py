@@ -149,7 +149,7 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         if algorithm not in DOMAINBED_FORWARDS
         else domainbed_module(algorithm, args)
     )
-    return fit_times(module, callbacks_for(algorithm, args.domains), args)
+    return fit_times(module, [] if algorithm in DOMAINBED_FORWARDS else callbacks_for(algorithm, args.domains), args)
 
 
 def fit_times(module: pl.LightningModule, callbacks: list[pl.Callback], args: argparse.Namespace) -> list[float]:
@@ -163,7 +163,7 @@ def fit_times(module: pl.LightningModule, callbacks: list[pl.Callback], args: ar
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, *([] if algorithm in DOMAINBED_FORWARDS else callbacks_for(algorithm, args.domains))],
+        callbacks=[timer, *callbacks],
     )
     data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
     trainer.fit(module, DataLoader(data, batch_size=None))
