@@ -119,3 +119,27 @@ def test_update_called_by_hand_is_domainbeds_update_outside_a_trainer():
     fit(fitted, [batch])
     for key, value in fitted.state_dict().items():
         torch.testing.assert_close(module.state_dict()[key], value, rtol=1e-12, atol=1e-14)
+
+
+class DropoutFeaturizer(TinyFeaturizer):
+    def forward(self, x):
+        return torch.nn.functional.dropout(super().forward(x), p=0.5, training=self.training)
+
+
+def test_a_resumed_fit_draws_dropout_as_the_uninterrupted_one(tmp_path):
+    # Dropout draws from torch's global generator, which no checkpoint holds: each update seeds it from
+    # (seed, update), so 2 updates + a checkpoint + 2 resumed updates equal 4 uninterrupted ones.
+    batches = domain_batches(steps=4)
+
+    def dropout_erm():
+        torch.manual_seed(0)
+        return build_algorithm("ERM", (6,), NUM_CLASSES, NUM_DOMAINS, HPARAMS, featurizer=DropoutFeaturizer).double()
+
+    whole, first, resumed = dropout_erm(), dropout_erm(), dropout_erm()
+    fit(whole, batches)
+    trainer = fit(first, batches, max_steps=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    # Lightning resumes at batch 2 of a fresh iterator: the remaining batches first, the same length.
+    fit(resumed, batches[2:] + batches[:2], ckpt_path=str(tmp_path / "two.ckpt"), max_steps=4)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-12, atol=1e-14)

@@ -9,7 +9,8 @@ three substitutions that make it a Lightning module:
 - ``self.step("disc_opt")`` for ``self.disc_opt.step()`` and ``self.optimizer_named("disc_opt")`` for the
   optimizer itself (``zero_grad``, its ``param_groups``);
 - ``self.generator()`` / ``self.random_state()`` for DomainBed's global random draws: seeded by
-  ``(seed, update)`` only, so a resumed run draws what the uninterrupted one drew.
+  ``(seed, update)`` only, so a resumed run draws what the uninterrupted one drew (torch's global generator,
+  which dropout draws from, is seeded per update too).
 
 One DomainBed update is one step of the run (``trainer.global_step``), however many optimizers it steps:
 the update's first ``step`` goes through Lightning (which counts it), the others straight to the optimizer.
@@ -182,8 +183,13 @@ class DomainBedAlgorithm(pl.LightningModule):
         x, y_N, domain_N = batch
         self.update_index = self.trainer.global_step
         self._stepped_through_lightning = False
+        # The global generator too (dropout, any draw of a user's featurizer) starts each update from (seed, update),
+        # so that a resumed run draws as the uninterrupted one; forked, so the caller's stream is left as it was.
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            values = self.update(split_minibatches(x, y_N, domain_N))
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed_hash(self.seed, self.update_index, "global"))
+                values = self.update(split_minibatches(x, y_N, domain_N))
         except KeyError as error:
             name = error.args[0] if error.args else None
             if isinstance(name, str) and name not in self.hparams:
