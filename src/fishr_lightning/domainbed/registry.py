@@ -13,11 +13,14 @@ from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "TRM": "trm:TRM",
     "IB_ERM": "information_bottleneck:IB_ERM",
     "IB_IRM": "information_bottleneck:IB_IRM",
+    "Transfer": "transfer:Transfer",
     "CausIRL_CORAL": "causirl:CausIRL_CORAL",
     "CausIRL_MMD": "causirl:CausIRL_MMD",
     "EQRM": "eqrm:EQRM",
+    "RDM": "rdm:RDM",
 }
 
 
