@@ -6,6 +6,7 @@ projection onto the ball around the classifier."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -21,14 +22,28 @@ from domainbed_harness import (
     float64_state,
     minibatches_of,
 )
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
+from fishr_lightning.app.training.run import CONFIG_MODULE, build_module, domainbed_options, main, resolve_hparams
 from fishr_lightning.domainbed import build_algorithm, default_hparams, domainbed_state_dict, load_domainbed_state_dict
 from fishr_lightning.domainbed.hparams_registry import hparams_for
+from fishr_lightning.domainbed.rdm import RDM
+from fishr_lightning.domainbed.transfer import Transfer
 
 TRM_HPARAMS = {**default_hparams("TRM", "PACS"), "lr": 1e-2, "iters": 1, "cos_lambda": 0.1, "groupdro_eta": 0.5}
 TRANSFER_HPARAMS = {**default_hparams("Transfer", "PACS"), "lr": 1e-2, "lr_d": 0.5, "d_steps_per_g": 2, "delta": 0.02}
 TINY_KEYS = {f"featurizer.{layer}.{p}" for layer in ("hidden", "output") for p in ("weight", "bias")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: two threads only contend on a shared machine (20x slower)
+    yield
+    torch.set_num_threads(threads)
 
 
 def record_values(module, values):
@@ -96,7 +111,9 @@ def trm_reference(module, batches, hparams):
                     alpha[q, i] *= torch.exp(hparams["groupdro_eta"] * (risks[i] * weights[i]).detach())
                 # DomainBed weighs by alpha[Q, i].data: autograd keeps that view of alpha, so the backward multiplies by
                 # the weights updated just above (the forward by the old ones).
-                loss_p = loss_p.detach() + sum(risks[i] * alpha[q, i].item() - (risks[i] * alpha[q, i].item()).detach() for i in risks)
+                loss_p = loss_p.detach() + sum(
+                    risks[i] * alpha[q, i].item() - (risks[i] * alpha[q, i].item()).detach() for i in risks
+                )
                 swap = swap + (loss_p - hparams["cos_lambda"] * (inverse_hvp @ grad_q.flatten()))
             objective = loss + swap / NUM_DOMAINS
         optimizer_c.zero_grad()
@@ -236,3 +253,44 @@ def test_the_registry_is_domainbeds():
     assert [hparams_for("Transfer", "PACS", 1, 0)[k] for k in names["Transfer"]] == pytest.approx(
         [0.26535225943004515, 2.702212143805776, 1, 0.00010096814830489473, True, 0.5, 6.700771289296927e-05]
     )
+
+
+def composed(overrides: list[str]):
+    """The config as the app sees it (HydraConfig included)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_the_app_trains_trm_and_builds_transfer_and_rdm_with_domainbeds_hparams(monkeypatch, tmp_path):
+    # One app run for the three (TRM, the most complex): its transfer risk from the second update on.
+    run_dir = tmp_path / "trm"
+    argv = ["fishr-train", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv",
+            f"hydra.run.dir={run_dir}", "dataset.samples_per_domain=60", "batch_size=8", "algorithm=trm", "steps=3",
+            "checkpoint_freq=2", "+hparams.iters=1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    assert records[-1]["args"]["algorithm"] == "TRM" and records[-1]["hparams"]["iters"] == 1
+    assert records[-1]["trm_loss"] > 0 and records[-1]["nll"] > 0  # the transfer risk, DomainBed's keys
+    # Transfer and RDM: the configs compose and build DomainBed's class with its registry's defaults.
+    for name, cls in (("transfer", Transfer), ("rdm", RDM)):
+        cfg = composed([f"algorithm={name}"])
+        hparams = resolve_hparams(cfg)
+        with open_dict(cfg):
+            cfg.num_train_domains = 2
+        module = build_module(cfg.backbone, (16,), 2, hparams, {}, domainbed_options(cfg))
+        assert type(module) is cls and module.hparams == default_hparams(cls.__name__, "Synthetic")
+    # RDM's registry sets batch_size per dataset, and the app takes it from there (DomainBed's 88 on PACS).
+    assert resolve_hparams(composed(["algorithm=rdm", "dataset=pacs"]))["batch_size"] == 88
+    assert resolve_hparams(composed(["algorithm=rdm", "dataset=terra_incognita"]))["batch_size"] == 40

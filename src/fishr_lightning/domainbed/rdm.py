@@ -42,7 +42,9 @@ def gaussian_kernel(x1_ND: Tensor, x2_MD: Tensor) -> Tensor:
 
 def rdm_mmd(x_ND: Tensor, y_MD: Tensor) -> Tensor:
     """DomainBed's ``RDM.mmd``: the biased MMD² estimate, ``mean K(x,x) + mean K(y,y) − 2 mean K(x,y)``."""
-    return gaussian_kernel(x_ND, x_ND).mean() + gaussian_kernel(y_MD, y_MD).mean() - 2 * gaussian_kernel(x_ND, y_MD).mean()
+    return (
+        gaussian_kernel(x_ND, x_ND).mean() + gaussian_kernel(y_MD, y_MD).mean() - 2 * gaussian_kernel(x_ND, y_MD).mean()
+    )
 
 
 class RDM(ERM):
