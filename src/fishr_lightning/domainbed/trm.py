@@ -69,6 +69,8 @@ class TRM(DomainBedAlgorithm):
         "the per-domain classifiers (clist), their optimizers and the weights alpha are outside the state dict: "
         "DomainBed's model.pkl lacks them, so a loaded model starts them afresh (Lightning's checkpoints keep them)",
         "the Neumann series' first term is aliased to its second (in-place v -= hv on h_estimate's tensor)",
+        "the transfer risks are weighted by alpha[Q, i].data, whose in-place GroupDRO update comes before the "
+        "backward: the forward uses the old weights, the gradient the updated ones",
         "clist holds num_domains + 1 classifiers, the last never trained; the classifier is linear whatever "
         "nonlinear_classifier says",
         "alpha is float32 whatever the module's dtype",
@@ -131,6 +133,8 @@ class TRM(DomainBedAlgorithm):
                 loss_q = F.cross_entropy(self.clist[q](feature_split[q]), y_split[q])
                 grad_q = autograd.grad(loss_q, self.clist[q].weight, create_graph=True)
                 vec_grad_q = nn.utils.parameters_to_vector(grad_q)
+                # alpha[q, i].data: autograd keeps that view, so the in-place update below reaches the backward
+                # (DomainBed's; the tests' reference writes it out).
                 loss_p = [
                     F.cross_entropy(self.clist[q](feature_split[i]), y_split[i]) * self.alpha[q, i].data.detach()
                     if i in others
