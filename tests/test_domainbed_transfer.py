@@ -27,11 +27,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from fishr_lightning.app.training.run import CONFIG_MODULE, build_module, domainbed_options, main, resolve_hparams
+from fishr_lightning.app.training.run import CONFIG_MODULE, main, resolve_hparams
 from fishr_lightning.domainbed import build_algorithm, default_hparams, domainbed_state_dict, load_domainbed_state_dict
 from fishr_lightning.domainbed.hparams_registry import hparams_for
-from fishr_lightning.domainbed.rdm import RDM
-from fishr_lightning.domainbed.transfer import Transfer
 
 TRM_HPARAMS = {**default_hparams("TRM", "PACS"), "lr": 1e-2, "iters": 1, "cos_lambda": 0.1, "groupdro_eta": 0.5}
 TRANSFER_HPARAMS = {**default_hparams("Transfer", "PACS"), "lr": 1e-2, "lr_d": 0.5, "d_steps_per_g": 2, "delta": 0.02}
@@ -267,7 +265,7 @@ def composed(overrides: list[str]):
     return cfg
 
 
-def test_the_app_trains_trm_and_builds_transfer_and_rdm_with_domainbeds_hparams(monkeypatch, tmp_path):
+def test_the_app_trains_trm_and_takes_rdms_batch_size_from_its_registry(monkeypatch, tmp_path):
     # One app run for the three (TRM, the most complex): its transfer risk from the second update on.
     run_dir = tmp_path / "trm"
     argv = ["fishr-train", "trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "logger=csv",
@@ -283,14 +281,8 @@ def test_the_app_trains_trm_and_builds_transfer_and_rdm_with_domainbeds_hparams(
     assert [r["step"] for r in records] == [0, 2]
     assert records[-1]["args"]["algorithm"] == "TRM" and records[-1]["hparams"]["iters"] == 1
     assert records[-1]["trm_loss"] > 0 and records[-1]["nll"] > 0  # the transfer risk, DomainBed's keys
-    # Transfer and RDM: the configs compose and build DomainBed's class with its registry's defaults.
-    for name, cls in (("transfer", Transfer), ("rdm", RDM)):
-        cfg = composed([f"algorithm={name}"])
-        hparams = resolve_hparams(cfg)
-        with open_dict(cfg):
-            cfg.num_train_domains = 2
-        module = build_module(cfg.backbone, (16,), 2, hparams, {}, domainbed_options(cfg))
-        assert type(module) is cls and module.hparams == default_hparams(cls.__name__, "Synthetic")
-    # RDM's registry sets batch_size per dataset, and the app takes it from there (DomainBed's 88 on PACS).
+    # RDM's registry sets batch_size per dataset, and the app trains with it (DomainBed's 88 on PACS) unless
+    # batch_size= is given. (Every DomainBed config's build is tests/test_app_domainbed.py's.)
     assert resolve_hparams(composed(["algorithm=rdm", "dataset=pacs"]))["batch_size"] == 88
     assert resolve_hparams(composed(["algorithm=rdm", "dataset=terra_incognita"]))["batch_size"] == 40
+    assert resolve_hparams(composed(["algorithm=rdm", "dataset=pacs", "batch_size=12"]))["batch_size"] == 12
