@@ -34,7 +34,10 @@ SWITCHED_ON_FROM_THE_START = ("anneal_iters", "burnin_iters", "linear_steps")
 
 def hparams_for(name: str) -> dict:
     hparams = default_hparams(name, "DomainNet")
-    return {key: 0 if key.endswith(SWITCHED_ON_FROM_THE_START) else value for key, value in hparams.items()}
+    on = {key: 0 if key.endswith(SWITCHED_ON_FROM_THE_START) else value for key, value in hparams.items()}
+    if name == "TRM":  # TRM's warm-up is its `iters` (ERM before it)
+        on["iters"] = 0
+    return on
 
 
 def step_times(name: str, args: argparse.Namespace) -> list[float]:

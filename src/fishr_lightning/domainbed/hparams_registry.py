@@ -61,6 +61,13 @@ ALGORITHMS = (
     "CDANN",
     "SagNet",
     "SelfReg",
+    "IB_ERM",
+    "IB_IRM",
+    "CausIRL_CORAL",
+    "CausIRL_MMD",
+    "TRM",
+    "Transfer",
+    "RDM",
 )
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
@@ -122,6 +129,22 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["sag_w_adv"] = (0.1, lambda r: float(10 ** r.uniform(-2, 1)))
     elif algorithm == "SelfReg":
         pass  # DomainBed's registry has no SelfReg entry: the common ones only
+    elif algorithm == "RDM":  # DomainBed's RDM block: per-dataset weights, anneal and its own Adam's lr
+        if dataset == "DomainNet":
+            hparams["rdm_lambda"] = (0.5, lambda r: float(r.uniform(0.1, 1.0)))
+        elif dataset in ("PACS", "TerraIncognita"):
+            hparams["rdm_lambda"] = (5.0, lambda r: float(r.uniform(1.0, 10.0)))
+        else:
+            hparams["rdm_lambda"] = (5.0, lambda r: float(r.uniform(0.1, 10.0)))
+        if dataset == "DomainNet":
+            hparams["rdm_penalty_anneal_iters"] = (2400, lambda r: int(r.uniform(1500, 3000)))
+        else:
+            hparams["rdm_penalty_anneal_iters"] = (1500, lambda r: int(r.uniform(800, 2700)))
+        if dataset in ("TerraIncognita", "OfficeHome", "DomainNet"):
+            hparams["variance_weight"] = (0.0, lambda r: float(r.choice([0.0])))
+        else:
+            hparams["variance_weight"] = (0.004, lambda r: float(r.uniform(0.001, 0.007)))
+        hparams["rdm_lr"] = (1.5e-5, lambda r: float(r.uniform(8e-6, 2e-5)))
     elif algorithm == "Fishr":
         # Rame et al. 2022, Appendix D / DomainBed's registry. The synthetic default trains for
         # 1500 steps in all: its warm-up is shorter than DomainBed's 1500 (the paper's Colored
@@ -144,6 +167,10 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["mixup_alpha"] = (0.2, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "SD":
         hparams["sd_reg"] = (0.1, lambda r: float(10 ** r.uniform(-5, -1)))
+    elif algorithm == "TRM":
+        hparams["cos_lambda"] = (1e-4, lambda r: float(10 ** r.uniform(-5, 0)))
+        hparams["iters"] = (200, lambda r: int(10 ** r.uniform(0, 4)))
+        hparams["groupdro_eta"] = (1e-2, lambda r: float(10 ** r.uniform(-3, -1)))
     elif algorithm in ("IB_ERM", "IB_IRM"):  # DomainBed's registry; IB_IRM's IRM keys first, as there
         if algorithm == "IB_IRM":
             hparams["irm_lambda"] = (1e2, lambda r: float(10 ** r.uniform(-1, 5)))
@@ -156,6 +183,14 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
         hparams["is_normalized"] = (False, lambda r: False)
         hparams["is_project"] = (False, lambda r: False)
         hparams["is_flipped"] = (True, lambda r: True)
+    elif algorithm == "Transfer":  # weight_decay_d and beta1 are registered but Transfer reads neither (DomainBed's)
+        hparams["t_lambda"] = (1.0, lambda r: float(10 ** r.uniform(-2, 1)))
+        hparams["delta"] = (2.0, lambda r: float(r.uniform(0.1, 3.0)))
+        hparams["d_steps_per_g"] = (10, lambda r: int(r.choice([1, 2, 5])))
+        hparams["weight_decay_d"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
+        hparams["gda"] = (False, lambda r: True)  # every random draw sets gda (DomainBed's registry)
+        hparams["beta1"] = (0.5, lambda r: float(r.choice([0.0, 0.5])))
+        hparams["lr_d"] = (1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)))
     elif algorithm == "EQRM":  # burn-in drawn as a float, as DomainBed's registry draws it
         hparams["eqrm_quantile"] = (0.75, lambda r: float(r.uniform(0.5, 0.99)))
         hparams["eqrm_burnin_iters"] = (2500, lambda r: float(10 ** r.uniform(2.5, 3.5)))
@@ -206,7 +241,12 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     else:
         hparams["lr"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
         hparams["weight_decay"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
-        if dataset == "DomainNet":
+        if algorithm == "RDM":  # DomainBed's rule, before its DomainNet one
+            if dataset in ("DomainNet", "TerraIncognita"):
+                hparams["batch_size"] = (40, lambda r: int(r.uniform(30, 60)))
+            else:
+                hparams["batch_size"] = (88, lambda r: int(r.uniform(70, 100)))
+        elif dataset == "DomainNet":
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5)))
         else:
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5.5)))
