@@ -59,6 +59,9 @@ class ERMPlusPlus(ERM):
     """ERM's networks plus ``network_sma`` (DomainBed's keys); ``optimizer`` and ``linear_optimizer``. The
     moving average's counters are checkpointed (DomainBed keeps them as plain attributes, lost on a restart)."""
 
+    ddp_refusal = (
+        "its moving average's BatchNorm statistics would follow each rank's shard of the batch, not the whole batch"
+    )
     quirks = (
         "the classifier alone trains for linear_steps + 1 updates (DomainBed's `global_iter > linear_steps`)",
         "the moving average starts at DomainBed's fixed update 600, whatever steps the run has",
