@@ -352,7 +352,7 @@ def test_test_envs_out_of_range_exit_with_a_clear_error(monkeypatch, tmp_path, c
 
 
 def test_an_unknown_option_shows_hydras_choices(monkeypatch, tmp_path, capsys):
-    status = run_app(monkeypatch, tmp_path / "run", "algorithm=dann")  # a DomainBed algorithm the app lacks
+    status = run_app(monkeypatch, tmp_path / "run", "algorithm=dan")  # a misspelt choice
     err = capsys.readouterr().err
     assert status != 0 and "Available options" in err and "erm" in err and "fishr" in err
 

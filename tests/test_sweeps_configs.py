@@ -170,9 +170,9 @@ def test_the_sweep_error_names_each_problem_once():
     assert lines[2:12] == [f"      job {seed}: hparams_seed={seed} +stpes=3" for seed in range(10)]
     assert lines[12] == "      ... and 15 more jobs"
     assert lines[13].startswith(
-        "  - In 'train': Could not find 'algorithm/nosuch' Available options in 'algorithm': coral"
+        "  - In 'train': Could not find 'algorithm/nosuch' Available options in 'algorithm': adrmx"
     )
-    assert lines[13].endswith("sd vrex")  # without Hydra's config search path
+    assert lines[13].endswith("urm vrex")  # without Hydra's config search path
     assert lines[14:17] == [
         "      job 25: algorithm=nosuch",
         "  - trial_seed=abc: an integer (e.g. trial_seed=0).",
