@@ -1,5 +1,8 @@
 """Helpers for tests that start several gloo processes on the CPU."""
 
+import multiprocessing
+import pickle
+
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -16,3 +19,17 @@ class CloseProcessGroup(Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+# Two CPU processes started by fork (Lightning's ddp_fork): the same launcher, gloo group and return of rank 0's
+# weights as ddp_spawn, without each rank importing torch, Lightning and the test modules again (about 5 s of
+# CPU per rank and fit; the DDP tests took 5 times longer with spawn). Spawn where fork is missing (Windows).
+TWO_PROCESSES = {
+    "strategy": "ddp_fork" if "fork" in multiprocessing.get_all_start_methods() else "ddp_spawn",
+    "devices": 2,
+}
+
+
+def assert_spawnable(*objects):
+    """What ddp_spawn does besides and fork does not: the module and callbacks go to the ranks pickled."""
+    pickle.loads(pickle.dumps(objects))
