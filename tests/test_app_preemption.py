@@ -55,7 +55,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> N
         time.sleep(0.1)
 
 
-def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path):
+def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path, capsys):
     """SIGTERM to the whole process group, as SLURM signals every process of a job step: the loader
     workers ignore it (issue 25: they died, and the run ended with "DataLoader worker ... exited
     unexpectedly", status 1, nothing saved), the training process saves and exits 143."""
@@ -75,11 +75,13 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
         try:
             wait_for(marker, first)  # 8 updates done, records 0 and 5 written, the run holds its directory
 
-            # A second launch of the same command while the first runs: refused, the directory named.
-            second = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
-            assert second.returncode == 2
-            assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second.stderr
-            assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+            # A second launch of the same command while the first runs: refused, the directory named. In this
+            # process (run_app adds FAST): another process than the first, without a new interpreter's imports.
+            capsys.readouterr()
+            assert run_app(monkeypatch, run_dir, *OPTIONS, *data, *pause) == 2
+            second_stderr = capsys.readouterr().err
+            assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second_stderr
+            assert "Traceback" not in second_stderr and len(second_stderr.strip().splitlines()) == 1
 
             os.killpg(first.pid, signal.SIGTERM)  # what SLURM sends every process of the step before it kills a job
             release.touch()
