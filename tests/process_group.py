@@ -21,13 +21,14 @@ class CloseProcessGroup(Callback):
             torch.distributed.destroy_process_group()
 
 
-# Two CPU processes started by fork (Lightning's ddp_fork): the same launcher, gloo group and return of rank 0's
-# weights as ddp_spawn, without each rank importing torch, Lightning and the test modules again (about 5 s of
-# CPU per rank and fit; the DDP tests took 5 times longer with spawn). Spawn where fork is missing (Windows).
-TWO_PROCESSES = {
-    "strategy": "ddp_fork" if "fork" in multiprocessing.get_all_start_methods() else "ddp_spawn",
-    "devices": 2,
-}
+def two_cpu_processes() -> dict:
+    """Trainer options for two CPU processes, started by fork (Lightning's ddp_fork): the same launcher, gloo
+    group and return of rank 0's weights as ddp_spawn, without each rank importing torch, Lightning and the
+    test modules again (about 5 s of CPU per rank and fit; the DDP tests took 5 times longer with spawn).
+    Spawn where fork is missing (Windows) or unsafe: once CUDA is initialised in this process (the gpu tests
+    of a whole-suite run on a GPU machine), Lightning refuses to fork."""
+    fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+    return {"strategy": "ddp_fork" if fork else "ddp_spawn", "devices": 2}
 
 
 def assert_spawnable(*objects):

@@ -5,7 +5,7 @@ rank's slice holds an odd number of samples per domain, so IRM's halves need the
 
 import pytest
 import torch
-from process_group import TWO_PROCESSES, CloseProcessGroup, assert_spawnable
+from process_group import CloseProcessGroup, assert_spawnable, two_cpu_processes
 from test_baselines_callbacks import DomainClassifier, E, assert_same_weights, fit
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -68,7 +68,7 @@ def test_two_processes_equal_one_process_for_every_penalty():
         dataset(),
         loader=rank_slices,
         max_steps=STEPS,
-        **TWO_PROCESSES,
+        **two_cpu_processes(),
         use_distributed_sampler=False,
     )
     assert_same_weights(two_processes, one_process, rtol=1e-7)

@@ -3,7 +3,7 @@ weights of one process on the concatenated batch (CPU, gloo)."""
 
 import pytest
 import torch
-from process_group import TWO_PROCESSES, CloseProcessGroup, assert_spawnable
+from process_group import CloseProcessGroup, assert_spawnable, two_cpu_processes
 from test_callback import BATCH, DomainClassifier, MixinClassifier, assert_same_weights, batches, domain_data, trainer
 from torch.utils.data import DataLoader, Sampler
 
@@ -39,7 +39,7 @@ def assert_two_processes_train_to_one_process(entry_point, dataset, options):
         two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
     assert_spawnable(two_processes, callbacks, half_batches)
-    trainer(callbacks=[*callbacks, CloseProcessGroup()], **TWO_PROCESSES, use_distributed_sampler=False).fit(
+    trainer(callbacks=[*callbacks, CloseProcessGroup()], **two_cpu_processes(), use_distributed_sampler=False).fit(
         two_processes, half_batches
     )
     assert_same_weights(two_processes, one_process, rtol=1e-7)
@@ -77,6 +77,6 @@ def test_checks_use_global_counts_so_every_rank_stops_alike():
     with pytest.raises(Exception, match=r"domain\(s\) \[2\] have \[1\] sample.*counts per domain: \[6, 17, 1\]"):
         trainer(
             callbacks=[FishrCallback(num_domains=3), CloseProcessGroup()],
-            **TWO_PROCESSES,
+            **two_cpu_processes(),
             use_distributed_sampler=False,
         ).fit(DomainClassifier(), half_batches)
