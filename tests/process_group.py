@@ -1,8 +1,5 @@
 """Helpers for tests that start several gloo processes on the CPU."""
 
-import multiprocessing
-import pickle
-
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -19,18 +16,3 @@ class CloseProcessGroup(Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-
-
-def two_cpu_processes() -> dict:
-    """Trainer options for two CPU processes, started by fork (Lightning's ddp_fork): the same launcher, gloo
-    group and return of rank 0's weights as ddp_spawn, without each rank importing torch, Lightning and the
-    test modules again (about 5 s of CPU per rank and fit; the DDP tests took 5 times longer with spawn).
-    Spawn where fork is missing (Windows) or unsafe: once CUDA is initialised in this process (the gpu tests
-    of a whole-suite run on a GPU machine), Lightning refuses to fork."""
-    fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
-    return {"strategy": "ddp_fork" if fork else "ddp_spawn", "devices": 2}
-
-
-def assert_spawnable(*objects):
-    """What ddp_spawn does besides and fork does not: the module and callbacks go to the ranks pickled."""
-    pickle.loads(pickle.dumps(objects))

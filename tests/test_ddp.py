@@ -3,7 +3,7 @@ weights of one process on the concatenated batch (CPU, gloo)."""
 
 import pytest
 import torch
-from process_group import CloseProcessGroup, assert_spawnable, two_cpu_processes
+from process_group import CloseProcessGroup
 from test_callback import BATCH, DomainClassifier, MixinClassifier, assert_same_weights, batches, domain_data, trainer
 from torch.utils.data import DataLoader, Sampler
 
@@ -29,7 +29,7 @@ class RankInterleavedSampler(Sampler):
 
 
 def assert_two_processes_train_to_one_process(entry_point, dataset, options):
-    """One process on whole batches, then two (ddp_fork, gloo) on interleaved halves: same weights."""
+    """One process on whole batches, then two (ddp_spawn, gloo) on interleaved halves: same weights."""
     one_process = DomainClassifier("adam", 0.01)
     trainer(callbacks=[FishrCallback(**options)]).fit(one_process, batches(dataset))
 
@@ -38,10 +38,9 @@ def assert_two_processes_train_to_one_process(entry_point, dataset, options):
     else:
         two_processes, callbacks = MixinClassifier("adam", 0.01, **options), []
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    assert_spawnable(two_processes, callbacks, half_batches)
-    trainer(callbacks=[*callbacks, CloseProcessGroup()], **two_cpu_processes(), use_distributed_sampler=False).fit(
-        two_processes, half_batches
-    )
+    trainer(
+        callbacks=[*callbacks, CloseProcessGroup()], strategy="ddp_spawn", devices=2, use_distributed_sampler=False
+    ).fit(two_processes, half_batches)
     assert_same_weights(two_processes, one_process, rtol=1e-7)
 
 
@@ -73,10 +72,11 @@ def test_checks_use_global_counts_so_every_rank_stops_alike():
     dataset = domains_split_across_ranks(domain_data())
     dataset.tensors[2][[5, 7, 9, 11, 13, 15, 17, 19, 21, 23]] = 1  # rank 1 keeps one sample of domain 2 (index 3)
     half_batches = DataLoader(dataset, batch_size=BATCH // 2, sampler=RankInterleavedSampler(dataset))
-    # The launcher re-raises rank 0's FishrInputError wrapped, with its message.
+    # ddp_spawn re-raises rank 0's FishrInputError wrapped, with its message.
     with pytest.raises(Exception, match=r"domain\(s\) \[2\] have \[1\] sample.*counts per domain: \[6, 17, 1\]"):
         trainer(
             callbacks=[FishrCallback(num_domains=3), CloseProcessGroup()],
-            **two_cpu_processes(),
+            strategy="ddp_spawn",
+            devices=2,
             use_distributed_sampler=False,
         ).fit(DomainClassifier(), half_batches)
