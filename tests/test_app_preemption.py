@@ -227,6 +227,7 @@ def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
     # Lightning for run_directory_lock (about 5 s of the suite).
     holder = os.fork()
     if holder == 0:
+        signal.alarm(120)  # a child stuck on a lock inherited from this process's threads ends, the test fails
         try:
             with run_directory_lock(run_dir):
                 os.kill(os.getpid(), signal.SIGKILL)
