@@ -141,20 +141,22 @@ OWN_HPARAM = {"irm": "irm_lambda", "vrex": "vrex_lambda", "coral": "mmd_gamma", 
 OWN_HPARAM |= {"groupdro": "groupdro_eta", "mixup": "mixup_alpha", "sd": "sd_reg"}
 
 
-def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys):
-    """One Hydra multirun, one tiny run per algorithm (a random-search draw), then fishr-collect --hparams."""
+def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys, monkeypatch):
+    """One Hydra multirun, one tiny run per algorithm (a random-search draw), then fishr-collect --hparams.
+    The multirun is the app's main() in this process: no new interpreter importing Lightning for it."""
     import json
-    import subprocess
     import sys
     from pathlib import Path
 
+    from hydra.core.global_hydra import GlobalHydra
+
     from fishr_lightning.app.reporting import collect
     from fishr_lightning.app.training.hparams import hparams_for
+    from fishr_lightning.app.training.run import main
 
     repository = Path(__file__).resolve().parents[1]
     sweep_dir = tmp_path / "sweep"
     command = [
-        sys.executable,
         "train.py",
         "-m",
         "+sweep=tiny_comparison",
@@ -168,8 +170,16 @@ def test_every_algorithm_runs_in_the_app_and_collect_shows_it(tmp_path, capsys):
         "trainer.enable_progress_bar=false",
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    completed = subprocess.run(command, cwd=repository, capture_output=True, text=True, timeout=400, check=False)
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    monkeypatch.setattr(sys, "argv", command)
+    monkeypatch.chdir(repository)
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, capsys.readouterr()
+    finally:
+        GlobalHydra.instance().clear()
+    capsys.readouterr()  # the runs' output, not collect's
     runs = {path.name.split(",")[0].removeprefix("algorithm="): path for path in sweep_dir.iterdir() if path.is_dir()}
     assert sorted(runs) == sorted(COMPARISON_SET)
     for algorithm, run_dir in runs.items():

@@ -75,9 +75,15 @@ def run(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> li
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory) -> Path:
     """The same run in one process and in two DDP processes, uninterrupted: ``one/`` and ``two/``, the
-    latter launched from an interactive ``srun`` shell (Lightning's own ranks, not the inherited SLURM_PROCID)."""
+    latter launched from an interactive ``srun`` shell (Lightning's own ranks, not the inherited SLURM_PROCID).
+    The one-process run in this process (run_app, as the other app tests): no new interpreter to import
+    Lightning for it (about 5 s of the suite)."""
+    from test_app_train import run_app
+
     root = tmp_path_factory.mktemp("ddp")
-    run(root / "one", "trainer=cpu")
+    options = [option for option in OPTIONS if option != "+trainer.enable_model_summary=false"]  # run_app sets it
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert run_app(monkeypatch, root / "one", *options, "trainer=cpu") == 0
     run(root / "two", *DDP, env=INTERACTIVE_SRUN)
     return root
 

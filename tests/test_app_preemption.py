@@ -55,7 +55,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> N
         time.sleep(0.1)
 
 
-def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path):
+def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resumes(monkeypatch, tmp_path, capsys):
     """SIGTERM to the whole process group, as SLURM signals every process of a job step: the loader
     workers ignore it (issue 25: they died, and the run ended with "DataLoader worker ... exited
     unexpectedly", status 1, nothing saved), the training process saves and exits 143."""
@@ -75,11 +75,13 @@ def test_sigterm_between_records_saves_exits_non_zero_and_the_same_command_resum
         try:
             wait_for(marker, first)  # 8 updates done, records 0 and 5 written, the run holds its directory
 
-            # A second launch of the same command while the first runs: refused, the directory named.
-            second = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
-            assert second.returncode == 2
-            assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second.stderr
-            assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+            # A second launch of the same command while the first runs: refused, the directory named. In this
+            # process (run_app adds FAST): another process than the first, without a new interpreter's imports.
+            capsys.readouterr()
+            assert run_app(monkeypatch, run_dir, *OPTIONS, *data, *pause) == 2
+            second_stderr = capsys.readouterr().err
+            assert f"error: Another process is running in {run_dir} (pid {first.pid} on " in second_stderr
+            assert "Traceback" not in second_stderr and len(second_stderr.strip().splitlines()) == 1
 
             os.killpg(first.pid, signal.SIGTERM)  # what SLURM sends every process of the step before it kills a job
             release.touch()
@@ -221,14 +223,18 @@ def test_a_sigterm_before_the_first_step_is_not_lost_to_lightnings_exit_0(monkey
 
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
-    holder = (
-        "import os, signal, sys; from pathlib import Path\n"
-        "from fishr_lightning.app.training.run_directory import run_directory_lock\n"
-        "with run_directory_lock(Path(sys.argv[1])):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    killed = subprocess.run([sys.executable, "-c", holder, str(run_dir)], timeout=120)
-    assert killed.returncode == -signal.SIGKILL and (run_dir / ".lock").exists()
+    # The holder is a fork of this process: a process of its own, without a new interpreter importing
+    # Lightning for run_directory_lock (about 5 s of the suite).
+    holder = os.fork()
+    if holder == 0:
+        signal.alarm(120)  # a child stuck on a lock inherited from this process's threads ends, the test fails
+        try:
+            with run_directory_lock(run_dir):
+                os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # not reached unless the lock failed: never back into pytest in the child
+    _, status = os.waitpid(holder, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and (run_dir / ".lock").exists()
     with run_directory_lock(run_dir):  # what a requeued run does: the dead process's lock is gone
         pass
 

@@ -34,6 +34,27 @@ def launch_tiny_sweep(sweep_dir: Path) -> subprocess.CompletedProcess:
     return completed
 
 
+def relaunch_tiny_sweep_in_this_process(monkeypatch, capsys, sweep_dir: Path) -> str:
+    """The same command line as launch_tiny_sweep, run by the app's main() in this process (what re-launching
+    checks needs no new interpreter importing Lightning, about 5 s of the suite); its standard output."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fishr_lightning.app.training.run import main
+
+    command = ["train.py", "-m", "+sweep=tiny", f"hydra.sweep.dir={sweep_dir}", *FAST_OVERRIDES]
+    monkeypatch.setattr(sys, "argv", command)
+    monkeypatch.chdir(REPOSITORY)
+    capsys.readouterr()
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, capsys.readouterr()
+    finally:
+        GlobalHydra.instance().clear()
+    return capsys.readouterr().out
+
+
 def oracle_cell_by_hand(sweep_dir: Path, algorithm: str) -> str:
     """Test-domain validation written out independently: per trial, the run whose last checkpoint has
     the best env0 out accuracy (ties: larger hparams_seed) gives its env0 in accuracy."""
@@ -78,7 +99,7 @@ def assert_quiet_sweep_output(completed: subprocess.CompletedProcess, sweep_dir:
     assert len(warnings) == 4 and all(line.startswith("warning: Fishr's warm-up, hparams.") for line in warnings)
 
 
-def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
+def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys, monkeypatch):
     sweep_dir = tmp_path / "sweeps" / "tiny"
     assert_quiet_sweep_output(launch_tiny_sweep(sweep_dir), sweep_dir)
 
@@ -115,8 +136,8 @@ def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys):
     unfinished = run_dirs[5]
     (unfinished / "done").unlink()
     results_before = {run_dir: (run_dir / "results.jsonl").read_text() for run_dir in run_dirs if run_dir != unfinished}
-    relaunched = launch_tiny_sweep(sweep_dir)
-    assert relaunched.stdout.count("holds a finished run (done); skipping it") == 7
+    relaunched = relaunch_tiny_sweep_in_this_process(monkeypatch, capsys, sweep_dir)
+    assert relaunched.count("holds a finished run (done); skipping it") == 7
     assert (unfinished / "done").exists()
     assert [json.loads(line)["step"] for line in (unfinished / "results.jsonl").read_text().splitlines()] == [0, 2, 3]
     assert results_before == {run_dir: (run_dir / "results.jsonl").read_text() for run_dir in results_before}
