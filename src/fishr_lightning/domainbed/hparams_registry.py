@@ -25,7 +25,7 @@ SMALL_IMAGE_DATASETS = ("Debug28", "RotatedMNIST", "ColoredMNIST", "Synthetic")
 Sampler = Callable[[np.random.RandomState], Any]
 
 # DomainBed's names of the algorithms with registered hyperparameters.
-ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD")
+ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD", "Fish", "MLDG", "MTL", "ARM")
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
 # as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
@@ -65,6 +65,13 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         hparams["mixup_alpha"] = (0.2, lambda r: float(10 ** r.uniform(-1, 1)))
     elif algorithm == "SD":
         hparams["sd_reg"] = (0.1, lambda r: float(10 ** r.uniform(-5, -1)))
+    elif algorithm == "Fish":
+        hparams["meta_lr"] = (0.5, lambda r: float(r.choice([0.05, 0.1, 0.5])))
+    elif algorithm == "MLDG":
+        hparams["mldg_beta"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
+        hparams["n_meta_test"] = (2, lambda r: int(r.choice([1, 2])))
+    elif algorithm == "MTL":
+        hparams["mtl_ema"] = (0.99, lambda r: float(r.choice([0.5, 0.9, 0.99, 1.0])))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 
@@ -75,7 +82,9 @@ def registry(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     else:
         hparams["lr"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
         hparams["weight_decay"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
-        if dataset == "DomainNet":
+        if algorithm == "ARM":  # DomainBed: ARM's support sets are its batches, 8 outside the small images
+            hparams["batch_size"] = (8, lambda r: 8)
+        elif dataset == "DomainNet":
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5)))
         else:
             hparams["batch_size"] = (32, lambda r: int(2 ** r.uniform(3, 5.5)))

@@ -12,6 +12,10 @@ from fishr_lightning.domainbed.algorithm import DomainBedAlgorithm, DomainBedErr
 # DomainBed's name -> "module:class" of this package; imported on first use.
 ALGORITHM_CLASSES: dict[str, str] = {
     "ERM": "erm:ERM",
+    "Fish": "fish:Fish",
+    "MLDG": "mldg:MLDG",
+    "MTL": "mtl:MTL",
+    "ARM": "arm:ARM",
 }
 
 # DomainBed's 34 algorithms, in the order of its ALGORITHMS list.
