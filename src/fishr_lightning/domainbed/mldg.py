@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from numbers import Integral
 from itertools import cycle
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
