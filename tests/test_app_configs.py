@@ -29,6 +29,8 @@ BACKBONES = ["resnet50", "resnet18", "mnist_cnn", "mlp"]
 TIMM_BACKBONES = ["timm", "resnet50_augmix", "dinov2_vitb14", "clip_vitb16", "convnext_tiny", "vit_small"]
 ALGORITHMS = ["erm", "fishr", "irm", "vrex", "coral", "mmd", "groupdro", "mixup", "sd"]
 ALGORITHM_NAMES = dict(zip(ALGORITHMS, ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD"]))
+# DomainBed's algorithms that fishr_lightning.domainbed builds (domainbed: true; their tests: tests/test_domainbed_*.py).
+DOMAINBED_CONFIGS = ["fish", "mldg", "mtl", "arm"]
 TOP_LEVEL_KEYS = {
     "data_dir",
     "test_envs",
@@ -66,7 +68,7 @@ def test_every_group_offers_the_documented_menu():
     root = Path(__import__("fishr_lightning.app.configs", fromlist=["x"]).__file__).parent
     assert {p.stem for p in (root / "dataset").glob("*.yaml")} == set(DATASETS)
     assert {p.stem for p in (root / "backbone").glob("*.yaml")} == set(BACKBONES) | set(TIMM_BACKBONES)
-    assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS)
+    assert {p.stem for p in (root / "algorithm").glob("*.yaml")} == set(ALGORITHMS) | set(DOMAINBED_CONFIGS)
     assert {"cpu", "gpu", "ddp"} <= {p.stem for p in (root / "trainer").glob("*.yaml")}
     assert {"csv", "tensorboard", "wandb", "mlflow"} <= {p.stem for p in (root / "logger").glob("*.yaml")}
 

@@ -264,3 +264,28 @@ def test_the_registry_gives_domainbeds_defaults_and_draws(algorithm, dataset):
     ours_default, ours_drawn = hparams_for(algorithm, dataset, 0, 0), hparams_for(algorithm, dataset, 3, 0)
     assert {key: ours_default[key] for key in default} == default
     assert {key: ours_drawn[key] for key in drawn} == drawn
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+def test_fish_in_the_app_resumes_exactly_and_its_model_pt_rebuilds_it(monkeypatch, tmp_path):
+    """algorithm=fish on the synthetic dataset, killed after 3 updates and resumed from its checkpoint (the clone's
+    Adam state with it), ends on the uninterrupted run's weights; model.pt (network_inner.* included) reloads."""
+    from test_app_train import SMALL_SYNTHETIC, final_weights, records, run_app
+
+    from fishr_lightning.app.training.run import load_model
+
+    options = ["algorithm=fish", *SMALL_SYNTHETIC, "steps=5", "checkpoint_freq=2", "+hparams.meta_lr=0.1"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    assert run_app(monkeypatch, uninterrupted, *options) == 0
+    killed = ["+callbacks.stop._target_=data_factories.InterruptAfter", "+callbacks.stop.updates=3"]
+    assert run_app(monkeypatch, interrupted, *options, *killed) != 0
+    assert run_app(monkeypatch, interrupted, *options, "ckpt_path=last") == 0
+    expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
+    assert set(expected) == set(resumed) and any(key.startswith("network_inner.") for key in expected)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+    last = records(interrupted)[-1]
+    assert last["args"]["algorithm"] == "Fish" and last["hparams"]["meta_lr"] == 0.1 and last["loss"] > 0
+    assert [r["step"] for r in records(interrupted)] == [0, 2, 4]
+    module = load_model(uninterrupted / "model.pt")
+    assert type(module).__name__ == "Fish" and set(module.state_dict()) == set(expected)

@@ -131,6 +131,8 @@ def load_init(
         differences.append(f"input_shape {list(saved['input_shape'])} (this run: {list(input_shape)})")
     if "num_classes" in saved and saved["num_classes"] != num_classes:
         differences.append(f"num_classes {saved['num_classes']} (this run: {num_classes})")
+    if hasattr(module, "prepare_for_domainbed_state"):  # Fish's clone, made lazily (issue 26)
+        module.prepare_for_domainbed_state(saved["state_dict"])
     state = module.state_dict()
     missing = sorted(set(state) - set(saved["state_dict"]))
     unexpected = sorted(set(saved["state_dict"]) - set(state))
