@@ -54,8 +54,8 @@ class ARM(ERM):
     quirks = (
         "the context net is in no optimizer (DomainBed's Adam is ERM's, on `network` only): its weights stay at "
         "their initialisation, only its BatchNorm statistics move",
-        "the support size is `hparams['batch_size']` (8 on every dataset but the small-image ones, where "
-        "DomainBed's registry fixes ARM's batch size): a batch whose size it does not divide is one support set",
+        "the support size is `hparams['batch_size']` (which DomainBed's registry fixes to 8 outside the small-image "
+        "datasets): a batch whose size it does not divide is one support set",
         "at test time the context is the mean over each evaluation batch's consecutive groups of `batch_size` "
         "samples (DomainBed's evaluation batches of 64, one split at a time)",
     )
