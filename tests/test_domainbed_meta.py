@@ -272,7 +272,8 @@ def test_fish_in_the_app_resumes_exactly_and_its_model_pt_rebuilds_it(monkeypatc
     Adam state with it), ends on the uninterrupted run's weights; model.pt (network_inner.* included) reloads."""
     from test_app_train import SMALL_SYNTHETIC, final_weights, records, run_app
 
-    from fishr_lightning.app.training.run import load_model
+    from fishr_lightning.app.training.initialisation import load_init
+    from fishr_lightning.app.training.run import build_module, load_model
 
     options = ["algorithm=fish", *SMALL_SYNTHETIC, "steps=5", "checkpoint_freq=2", "+hparams.meta_lr=0.1"]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
@@ -289,3 +290,9 @@ def test_fish_in_the_app_resumes_exactly_and_its_model_pt_rebuilds_it(monkeypatc
     assert [r["step"] for r in records(interrupted)] == [0, 2, 4]
     module = load_model(uninterrupted / "model.pt")
     assert type(module).__name__ == "Fish" and set(module.state_dict()) == set(expected)
+    # init_from=model.pt: a new run's Fish (no clone yet) takes the trained one's weights, clone included.
+    saved = torch.load(uninterrupted / "model.pt", weights_only=True)
+    shape, classes = tuple(saved["input_shape"]), saved["num_classes"]
+    fresh = build_module(saved["backbone"], shape, classes, saved["hparams"], domainbed=saved["domainbed"])
+    load_init(fresh, uninterrupted / "model.pt", saved["backbone"], shape, classes)
+    assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in expected.items())
