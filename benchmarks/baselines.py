@@ -10,7 +10,6 @@ forward, the penalty and the backward into the features), which is what the call
     python benchmarks/baselines.py                                  # CPU: ResNet-18 at 64²
     python benchmarks/baselines.py --device cuda --image-size 224   # a GPU
     python benchmarks/baselines.py --tiny                           # seconds: checks that it runs
-    python benchmarks/baselines.py --algorithms Fish MLDG MTL ARM   # some of them (and ERM)
 
 The algorithms run in turn, ``--rounds`` times, and each figure is the median over all rounds' steps:
 on a shared machine a burst of load then spreads over every algorithm instead of landing on one.
@@ -41,18 +40,9 @@ from fishr_lightning.baselines import (
     VRExCallback,
 )
 from fishr_lightning.baselines import functional as BF
-from fishr_lightning.domainbed import build_algorithm, default_hparams
 
 ALGORITHMS = ["ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD"]
 PER_DOMAIN_FORWARD = {"CORAL", "MMD", "GroupDRO", "Mixup"}
-# DomainBed's classes of fishr_lightning.domainbed (issue 26), built by build_algorithm on the same featurizer with
-# DomainBed's DomainNet defaults (lr 5e-5), and what their update runs of the featurizer.
-DOMAINBED_ALGORITHMS = {
-    "Fish": "one per domain (on a clone)",
-    "MLDG": "two per meta-train domain (on a copy)",
-    "MTL": "one per domain",
-    "ARM": "one (+ the context net)",
-}
 
 
 def callbacks_for(algorithm: str, num_domains: int) -> list[pl.Callback]:
@@ -73,12 +63,10 @@ def callbacks_for(algorithm: str, num_domains: int) -> list[pl.Callback]:
 class ResNetFeatures(nn.Module):
     """ResNet-18 (BatchNorm training) then a linear map to ``features`` outputs: DomainNet's head input."""
 
-    def __init__(self, features: int, channels: int = 3) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
         self.network = torchvision.models.resnet18(weights=None)
         self.network.fc = nn.Linear(self.network.fc.in_features, features)
-        if channels != 3:  # ARM's context channel
-            self.network.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.n_outputs = features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,25 +111,13 @@ class StepTimer(pl.Callback):
 def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
     """One fit; the seconds of each step after warm-up."""
     pl.seed_everything(0, verbose=False)
-    if algorithm in DOMAINBED_ALGORITHMS:
-        # The support size of ARM is its batch_size: one domain's minibatch, as in the app.
-        hparams = {**default_hparams(algorithm, "DomainNet"), "batch_size": args.per_domain}
-        module = build_algorithm(
-            algorithm,
-            (3, args.image_size, args.image_size),
-            args.classes,
-            args.domains,
-            hparams,
-            featurizer=lambda shape, _: ResNetFeatures(args.features, channels=shape[0]),
-        )
-    else:
-        module = DomainClassifier(
-            ResNetFeatures(args.features),
-            num_classes=args.classes,
-            lr=5e-5,
-            per_domain_forward=algorithm in PER_DOMAIN_FORWARD,
-            mixup_alpha=0.2 if algorithm == "Mixup" else None,
-        )
+    module = DomainClassifier(
+        ResNetFeatures(args.features),
+        num_classes=args.classes,
+        lr=5e-5,
+        per_domain_forward=algorithm in PER_DOMAIN_FORWARD,
+        mixup_alpha=0.2 if algorithm == "Mixup" else None,
+    )
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -151,7 +127,7 @@ def step_times(algorithm: str, args: argparse.Namespace) -> list[float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, *([] if algorithm in DOMAINBED_ALGORITHMS else callbacks_for(algorithm, args.domains))],
+        callbacks=[timer, *callbacks_for(algorithm, args.domains)],
     )
     data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -205,18 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the benchmark runs")
-    parser.add_argument(
-        "--algorithms",
-        nargs="+",
-        default=[*ALGORITHMS, *DOMAINBED_ALGORITHMS],
-        metavar="NAME",
-        help="those to time (ERM, the baseline, always is)",
-    )
     args = parser.parse_args(argv)
-    algorithms = ["ERM", *[name for name in args.algorithms if name != "ERM"]]
-    unknown = sorted(set(algorithms) - set(ALGORITHMS) - set(DOMAINBED_ALGORITHMS))
-    if unknown:
-        parser.error(f"unknown algorithms {unknown}; known: {', '.join([*ALGORITHMS, *DOMAINBED_ALGORITHMS])}")
     args.classes, args.features, args.domains, args.per_domain = 345, 2048, 5, 32
     if args.tiny:
         args.image_size, args.steps, args.warmup, args.features, args.per_domain, args.rounds = 32, 2, 1, 64, 4, 1
@@ -227,21 +192,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.domains}×{args.per_domain} samples; ResNet-18 at {args.image_size}²; median of {args.rounds} rounds × "
         f"{args.steps} steps after {args.warmup} warm-up steps each.\n"
     )
-    steps = {algorithm: [] for algorithm in algorithms}
-    alone = {algorithm: [] for algorithm in algorithms if algorithm in ALGORITHMS[2:] and algorithm != "Mixup"}
+    steps = {algorithm: [] for algorithm in ALGORITHMS}
+    alone = {algorithm: [] for algorithm in ALGORITHMS if algorithm not in ("ERM", "Mixup", "Fishr")}
     for _ in range(args.rounds):
-        for algorithm in algorithms:
+        for algorithm in ALGORITHMS:
             steps[algorithm] += step_times(algorithm, args)
             if algorithm in alone:
                 alone[algorithm] += penalty_times(algorithm, args)
     print("| algorithm | forwards of the featurizer | step ms | × ERM | penalty alone ms |")
     print("| --- | --- | --- | --- | --- |")
     erm = statistics.median(steps["ERM"])
-    for algorithm in algorithms:
+    for algorithm in ALGORITHMS:
         ms = statistics.median(steps[algorithm])
         penalty = f"{1000 * statistics.median(alone[algorithm]):.1f}" if algorithm in alone else "-"
         forwards = "one per domain" if algorithm in PER_DOMAIN_FORWARD else "one"
-        forwards = DOMAINBED_ALGORITHMS.get(algorithm, forwards)
         print(f"| {algorithm} | {forwards} | {1000 * ms:.0f} | {ms / erm:.2f} | {penalty} |", flush=True)
 
 
