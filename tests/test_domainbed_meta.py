@@ -267,32 +267,36 @@ def test_the_registry_gives_domainbeds_defaults_and_draws(algorithm, dataset):
 
 
 # --- the app ----------------------------------------------------------------------------------------------
-def test_fish_in_the_app_resumes_exactly_and_its_model_pt_rebuilds_it(monkeypatch, tmp_path):
-    """algorithm=fish on the synthetic dataset, killed after 3 updates and resumed from its checkpoint (the clone's
-    Adam state with it), ends on the uninterrupted run's weights; model.pt (network_inner.* included) reloads."""
+def test_fish_in_the_app_checkpoints_its_clone_and_inner_adam_state_resumes_and_its_model_pt_rebuilds_it(
+    monkeypatch, tmp_path
+):
+    """algorithm=fish on the synthetic dataset, killed after 3 updates: its checkpoint holds the clone
+    (network_inner.*) and the clone's Adam state, and the run resumes from it (the app checks the checkpoint's keys
+    once the module has made its clone); the resumed updates are the uninterrupted ones (checked exactly by
+    test_fish_trainer_fit_and_its_resume_end_on_domainbeds_weights). model.pt reloads and starts another run."""
     from test_app_train import SMALL_SYNTHETIC, final_weights, records, run_app
 
     from fishr_lightning.app.training.initialisation import load_init
     from fishr_lightning.app.training.run import build_module, load_model
 
     options = ["algorithm=fish", *SMALL_SYNTHETIC, "steps=5", "checkpoint_freq=2", "+hparams.meta_lr=0.1"]
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    assert run_app(monkeypatch, uninterrupted, *options) == 0
     killed = ["+callbacks.stop._target_=data_factories.InterruptAfter", "+callbacks.stop.updates=3"]
-    assert run_app(monkeypatch, interrupted, *options, *killed) != 0
-    assert run_app(monkeypatch, interrupted, *options, "ckpt_path=last") == 0
-    expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
-    assert set(expected) == set(resumed) and any(key.startswith("network_inner.") for key in expected)
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
-    last = records(interrupted)[-1]
+    run_dir = tmp_path / "run"
+    assert run_app(monkeypatch, run_dir, *options, *killed) != 0
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3 and any(key.startswith("network_inner.") for key in checkpoint["state_dict"])
+    inner_adam = checkpoint["fish_optimizer_inner_state"]["state"].values()  # the clone's Adam, one per tensor
+    assert inner_adam and all(float(state["step"]) == 3 * 2 for state in inner_adam)  # 3 updates × 2 domains
+    assert run_app(monkeypatch, run_dir, *options, "ckpt_path=last") == 0
+    assert [r["step"] for r in records(run_dir)] == [0, 2, 4]
+    last = records(run_dir)[-1]
     assert last["args"]["algorithm"] == "Fish" and last["hparams"]["meta_lr"] == 0.1 and last["loss"] > 0
-    assert [r["step"] for r in records(interrupted)] == [0, 2, 4]
-    module = load_model(uninterrupted / "model.pt")
-    assert type(module).__name__ == "Fish" and set(module.state_dict()) == set(expected)
+    weights = final_weights(run_dir)
+    module = load_model(run_dir / "model.pt")
+    assert type(module).__name__ == "Fish" and set(module.state_dict()) == set(weights)
     # init_from=model.pt: a new run's Fish (no clone yet) takes the trained one's weights, clone included.
-    saved = torch.load(uninterrupted / "model.pt", weights_only=True)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     shape, classes = tuple(saved["input_shape"]), saved["num_classes"]
     fresh = build_module(saved["backbone"], shape, classes, saved["hparams"], domainbed=saved["domainbed"])
-    load_init(fresh, uninterrupted / "model.pt", saved["backbone"], shape, classes)
-    assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in expected.items())
+    load_init(fresh, run_dir / "model.pt", saved["backbone"], shape, classes)
+    assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in weights.items())
