@@ -69,6 +69,7 @@ ALGORITHMS = (
     "Transfer",
     "RDM",
 )
+ALGORITHMS = ("ERM", "Fishr", "IRM", "VREx", "CORAL", "MMD", "GroupDRO", "Mixup", "SD", "Fish", "MLDG", "MTL", "ARM")
 
 # The Fishr paper's ablations that are options outside DomainBed's registry (issue 26): off unless given
 # as +hparams.<name>=..., then recorded with the run's hyperparameters; never drawn, so the registry's
@@ -231,6 +232,13 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     elif algorithm == "SANDMask":
         hparams["tau"] = (1.0, lambda r: float(r.uniform(0.0, 1.0)))
         hparams["k"] = (1e1, lambda r: float(10 ** r.uniform(-3, 5)))
+    elif algorithm == "Fish":
+        hparams["meta_lr"] = (0.5, lambda r: float(r.choice([0.05, 0.1, 0.5])))
+    elif algorithm == "MLDG":
+        hparams["mldg_beta"] = (1.0, lambda r: float(10 ** r.uniform(-1, 1)))
+        hparams["n_meta_test"] = (2, lambda r: int(r.choice([1, 2])))
+    elif algorithm == "MTL":
+        hparams["mtl_ema"] = (0.99, lambda r: float(r.choice([0.5, 0.9, 0.99, 1.0])))
     elif algorithm not in ALGORITHMS:
         raise ValueError(f"No hyperparameters registered for algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)}).")
 
@@ -241,7 +249,9 @@ def registry(algorithm: str, dataset: str, protocol: str = "classic") -> dict[st
     else:
         hparams["lr"] = (5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)))
         hparams["weight_decay"] = (0.0, lambda r: float(10 ** r.uniform(-6, -2)))
-        if algorithm == "RDM":  # DomainBed's rule, before its DomainNet one
+        if algorithm == "ARM":  # DomainBed: ARM's support sets are its batches, 8 outside the small images
+            hparams["batch_size"] = (8, lambda r: 8)
+        elif algorithm == "RDM":  # DomainBed's rule, before its DomainNet one
             if dataset in ("DomainNet", "TerraIncognita"):
                 hparams["batch_size"] = (40, lambda r: int(r.uniform(30, 60)))
             else:

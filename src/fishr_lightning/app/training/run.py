@@ -385,7 +385,7 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     evaluation.writer.args["world_size"] = trainer.world_size  # the processes that shared each step's batch
     evaluation.writer.args["skipped_images"] = len(data.skipped_images)  # data.skip_broken_images=true
     if ckpt_path is not None:
-        check_checkpoint(ckpt_path, module.state_dict())
+        check_checkpoint(ckpt_path, module)
     (run_dir / DONE_FILE).unlink(missing_ok=True)  # an explicit ckpt_path continues a finished run
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -290,9 +290,10 @@ def checkpoint_error(path: str | Path, problem: str) -> AppError:
     )
 
 
-def check_checkpoint(path: str | Path, state_dict: dict[str, Any]) -> None:
-    """``path`` is a Lightning checkpoint whose weights fit ``state_dict`` (the new run's module), or
-    one ``AppError`` paragraph naming the file (not the 45-line traceback of ``torch.load``)."""
+def check_checkpoint(path: str | Path, module: Any) -> None:
+    """``path`` is a Lightning checkpoint whose weights fit ``module`` (the new run's), or one ``AppError``
+    paragraph naming the file (not the 45-line traceback of ``torch.load``). A DomainBed module first makes
+    the state it creates lazily (Fish's clone, issue 26: ``prepare_for_domainbed_state``)."""
     import torch
 
     try:
@@ -302,6 +303,9 @@ def check_checkpoint(path: str | Path, state_dict: dict[str, Any]) -> None:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise checkpoint_error(path, "it is not a Lightning checkpoint (no state_dict and global_step)")
     saved = checkpoint["state_dict"]
+    if hasattr(module, "prepare_for_domainbed_state"):
+        module.prepare_for_domainbed_state(saved)
+    state_dict = module.state_dict()
     missing = sorted(set(state_dict) - set(saved))
     unexpected = sorted(set(saved) - set(state_dict))
     mismatched = [
