@@ -44,6 +44,17 @@ class RankSlices(torch.utils.data.Dataset):
         return x[rows], y[rows], domain[rows]
 
 
+class ImageFeaturizer(torch.nn.Module):
+    n_outputs = 4
+
+    def __init__(self, input_shape, hparams):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(input_shape[0], 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
 def erm():
     torch.manual_seed(0)
     hparams = {**default_hparams("ERM", "PACS"), "lr": 1e-2}
@@ -69,7 +80,9 @@ def test_an_algorithm_not_checked_under_ddp_refuses_it_naming_why(name):
     cls = algorithm_class(name)
     if cls.ddp_refusal is None:
         return  # checked under DDP (above, or in the comparison set's tests)
-    module = build_algorithm(name, (6,), NUM_CLASSES, NUM_DOMAINS, default_hparams(name, "PACS"), TinyFeaturizer)
+    shape = (1, 6, 6) if name == "ARM" else (6,)  # ARM takes images (its context channel)
+    featurizer = ImageFeaturizer if name == "ARM" else TinyFeaturizer
+    module = build_algorithm(name, shape, NUM_CLASSES, NUM_DOMAINS, default_hparams(name, "PACS"), featurizer)
     module._trainer = SimpleNamespace(world_size=2)  # what on_fit_start reads of a two-process trainer
     with pytest.raises(DomainBedError, match=rf"{name} cannot run under DDP \(2 processes\): .+ trainer.devices=1"):
         module.on_fit_start()

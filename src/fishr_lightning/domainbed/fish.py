@@ -41,7 +41,7 @@ class WholeFish(nn.Module):
 
 
 class Fish(DomainBedAlgorithm):
-    """``network = WholeFish`` (DomainBed's keys ``network.net.0.*``, ``network.net.1.*``; after the first
+    """DomainBed's Fish: ``network = WholeFish`` with DomainBed's keys (``network.net.0.*``, ``network.net.1.*``; after the first
     update also ``network_inner.net.*``, the clone), Adam ``optimizer`` on it (built, never stepped: DomainBed's
     update moves the network by ``load_state_dict``), the clone's Adam state carried from update to update."""
 
