@@ -179,3 +179,23 @@ def test_the_sweep_error_names_each_problem_once():
         "      job 26: trial_seed=abc",
     ]
     assert len(lines) == 18
+
+
+def test_the_paper_presets_sweep_the_papers_algorithms_and_datasets():
+    """`+sweep=paper`: the Fishr paper's Tables 3-4, its 20 algorithms (configs named as DomainBed's, lowercased)
+    on its 7 datasets, every test domain, 20 draws, 3 trials; `tiny_paper` the same algorithms in seconds."""
+    from fishr_lightning.domainbed.names import PAPER_DATASETS, PAPER_TABLE_ROWS
+
+    paper = sweep_config("paper").sweeper.params
+    algorithms = paper.algorithm.split(",")
+    assert sorted(algorithms) == sorted(name.lower() for name, _ in PAPER_TABLE_ROWS)
+    assert {dataset_spec_name(d) for d in paper.dataset.split(",")} == set(PAPER_DATASETS)
+    assert (paper.test_envs, paper.hparams_seed, paper.trial_seed) == ("each", "range(0,20)", "0,1,2")
+    tiny = sweep_config("tiny_paper").sweeper.params
+    assert tiny.algorithm == paper.algorithm and tiny.dataset == "synthetic"
+    assert (tiny.hparams_seed, tiny.trial_seed, tiny.steps) == ("0", "0", 6)
+
+
+def dataset_spec_name(config_name: str) -> str:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"dataset={config_name}"]).dataset.name
