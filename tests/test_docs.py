@@ -69,7 +69,9 @@ def test_every_page_of_the_navigation_is_built(site: Path) -> None:
     for page in ("", "lightning", "app", "sweeps", "paper", "averaging", "backbones", "benchmarks", "changelog",
                  "contributing", "api/core", "api/functional", "api/baselines", "api/domainbed", "api/averaging", "api/hessian_alignment", "api/app",
                  "baselines", "baselines/gradient_statistics", "baselines/feature_alignment",
-                 "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing", "baselines/adversarial"):  # fmt: skip
+                 "baselines/risk_extrapolation", "baselines/reweighting", "baselines/mixing", "baselines/adversarial",
+                 "baselines/domainbed_algorithms", "baselines/meta_learning", "baselines/adaptive",
+                 "baselines/gradient_agreement", "baselines/transferability", "own_dataset"):  # fmt: skip
         assert (site / page / "index.html").is_file(), f"page {page or 'index'} not built"
     assert "Keep a Changelog" in page_text(site, "changelog")
     assert "what Fishr costs over ERM" in page_text(site, "benchmarks")
@@ -199,3 +201,20 @@ def test_the_measured_figures_name_their_versions_and_agree_within_the_tolerance
     assert abs(float(precision_32[1]) - seed0["Fishr + SWAD"]) <= tolerance
     erm = float(re.search(r"accuracy is ([\d.]+) %", (REPOSITORY / "docs" / "index.md").read_text()).group(1))
     assert abs(erm - seed0["ERM"]) <= tolerance
+
+
+def test_the_algorithms_page_has_a_row_per_domainbed_algorithm_saying_what_its_class_does_under_ddp() -> None:
+    """docs/baselines/domainbed_algorithms.md (issue 27): DomainBed's 34, each its config and, under DDP, what its
+    class does (``ddp_refusal``); the app's callback algorithms also say their callbacks equal one process."""
+    from fishr_lightning.domainbed import algorithm_class
+    from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS
+
+    text = (REPOSITORY / "docs" / "baselines" / "domainbed_algorithms.md").read_text()
+    rows = {cells[0]: cells for cells in (line.split(" | ") for line in text.splitlines()) if len(cells) == 7}
+    for name in DOMAINBED_ALGORITHMS:
+        assert f"| {name}" in rows, f"no row for {name}"
+        cells = rows[f"| {name}"]
+        assert cells[1] == f"`{name.lower()}`", f"{name}'s config"
+        ddp = cells[5]
+        class_ddp = ddp.split("class: ")[-1]
+        assert (class_ddp == "= one process") == (algorithm_class(name).ddp_refusal is None), f"{name}'s DDP column"

@@ -141,3 +141,35 @@ def test_tiny_sweep_collect_and_relaunch(tmp_path, capsys, monkeypatch):
     assert (unfinished / "done").exists()
     assert [json.loads(line)["step"] for line in (unfinished / "results.jsonl").read_text().splitlines()] == [0, 2, 3]
     assert results_before == {run_dir: (run_dir / "results.jsonl").read_text() for run_dir in results_before}
+
+
+def test_the_tiny_paper_sweep_trains_the_papers_algorithms_and_prints_its_table_3(tmp_path, capsys, monkeypatch):
+    """`python train.py -m +sweep=tiny_paper`, shortened (issue 26): every algorithm of the paper's table but ARM
+    (images only) trains in this process, and `fishr-collect --layout paper` prints Table 3's rows in its order."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fishr_lightning.app.reporting import collect
+    from fishr_lightning.app.training.run import main
+    from fishr_lightning.domainbed.names import PAPER_TABLE_ROWS
+
+    sweep_dir = tmp_path / "tiny_paper"
+    command = ["train.py", "-m", "+sweep=tiny_paper", "steps=2", "checkpoint_freq=1", "backbone.width=16"]
+    command += ["batch_size=8", "dataset.samples_per_domain=100", "trainer.enable_progress_bar=false"]
+    monkeypatch.setattr(sys, "argv", [*command, f"hydra.sweep.dir={sweep_dir}"])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, capsys.readouterr()
+    finally:
+        GlobalHydra.instance().clear()
+    capsys.readouterr()
+    assert len([run for run in sweep_dir.iterdir() if (run / "done").exists()]) == len(PAPER_TABLE_ROWS) - 1
+    assert collect.main([str(sweep_dir), "--layout", "paper"]) == 0
+    table = capsys.readouterr().out.split("## Model selection: training-domain validation set")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in lines][1:]  # after the header
+    assert rows[: len(PAPER_TABLE_ROWS) - 1] == [label for name, label in PAPER_TABLE_ROWS if name != "ARM"]
