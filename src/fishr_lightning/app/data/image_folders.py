@@ -234,8 +234,10 @@ def image_domains(
     pipeline: str,
     decode: str,
     finish: str,
+    resize_first: bool = False,
 ) -> MultiDomainData:
-    """``MultiDomainData`` of image datasets (``ImageFolder``, ``ImageFiles``) with the pipeline's transforms."""
+    """``MultiDomainData`` of image datasets (``ImageFolder``, ``ImageFiles``) with the pipeline's transforms;
+    ``resize_first``: DomainBed's WILDS transforms (the square resize before the random crop)."""
     skipped = skip_unreadable_images(domains) if skip_broken_images else []
     data = MultiDomainData(
         spec=spec,
@@ -247,6 +249,7 @@ def image_domains(
         decode=decode,
         finish=finish,
         image_reader=reader,
+        resize_first=resize_first,
     )
     set_image_transforms(data, image_size, augment)
     return data
@@ -254,7 +257,8 @@ def image_domains(
 
 class ImageFiles(Dataset):
     """``(image, label)`` for a list of ``(path, label)`` samples, as torchvision's ``ImageFolder`` gives
-    them (the same ``samples``, ``imgs``, ``targets`` and ``loader``): a domain that is no folder tree."""
+    them (the same ``samples``, ``imgs``, ``targets`` and ``loader``): a domain that is no folder tree (Spawrious'
+    listed folders, WILDS' metadata rows)."""
 
     def __init__(self, samples: list[tuple[str, int]], loader: Any) -> None:
         self.samples = list(samples)

@@ -3,40 +3,12 @@ that ``wilds_metadata`` reads from WILDS' metadata files, through the image fold
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from torch.utils.data import Dataset
-
-from fishr_lightning.app.data.image_folders import (
-    check_decode,
-    check_finish,
-    check_pipeline,
-    set_image_transforms,
-    skip_unreadable_images,
-)
+from fishr_lightning.app.data.image_folders import ImageFiles, check_decode, check_finish, check_pipeline, image_domains
 from fishr_lightning.app.data.images import ImageReader
 from fishr_lightning.app.data.specs import DatasetSpec, MultiDomainData
-from fishr_lightning.app.data.wilds_metadata import CAMELYON_CLASSES, FMOW_CATEGORIES, Samples, wilds_domains
-
-
-class ImageList(Dataset):
-    """One domain's ``samples`` (``(path, label)``), each item ``(loader(path), label)``: torchvision
-    ``ImageFolder``'s interface (``samples``, ``imgs``, ``targets``) for files listed by metadata."""
-
-    def __init__(self, samples: Samples, loader: Callable[[str], Any]) -> None:
-        self.samples = samples
-        self.imgs = samples
-        self.targets = [label for _, label in samples]
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        return self.loader(path), label
+from fishr_lightning.app.data.wilds_metadata import CAMELYON_CLASSES, FMOW_CATEGORIES, wilds_domains
 
 
 def load_wilds_domains(
@@ -58,18 +30,9 @@ def load_wilds_domains(
     reader = ImageReader(data_dir / spec.folder, hint=f"fishr-download {spec.download_name} --data-dir {data_dir}")
     # The fast pipeline opens each file in its transform (FastImageTransform, through the same reader).
     loader = str if pipeline == "fast" else reader
-    domains = [ImageList(samples, loader) for samples in samples_per_domain]
-    data = MultiDomainData(
-        spec=spec,
-        domains=domains,
-        input_shape=(3, image_size, image_size),
-        class_names=CAMELYON_CLASSES if spec.name == "WILDSCamelyon" else list(FMOW_CATEGORIES),
-        skipped_images=skip_unreadable_images(domains) if skip_broken_images else [],
-        pipeline=pipeline,
-        decode=decode,
-        finish=finish,
-        image_reader=reader,
+    domains = [ImageFiles(samples, loader) for samples in samples_per_domain]
+    class_names = CAMELYON_CLASSES if spec.name == "WILDSCamelyon" else list(FMOW_CATEGORIES)
+    return image_domains(
+        spec, domains, class_names, reader, image_size, augment, skip_broken_images, pipeline, decode, finish,
         resize_first=True,
-    )
-    set_image_transforms(data, image_size, augment)
-    return data
+    )  # fmt: skip
