@@ -23,8 +23,7 @@ import statistics
 
 import lightning.pytorch as pl
 import torch
-from baselines import RandomDomainImages, ResNetFeatures, StepTimer
-from torch.utils.data import DataLoader
+from baselines import ResNetFeatures, fit_times
 
 from fishr_lightning.domainbed import ALGORITHM_CLASSES, build_algorithm, default_hparams
 from fishr_lightning.domainbed.names import DOMAINBED_ALGORITHMS
@@ -47,20 +46,7 @@ def step_times(name: str, args: argparse.Namespace) -> tuple[list[float], int]:
         name, (3, args.image_size, args.image_size), args.classes, args.domains, hparams_for(name),
         featurizer=lambda shape, hparams: ResNetFeatures(features, channels=shape[0]),
     )  # fmt: skip
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator=args.device,
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    data = RandomDomainImages(args.classes, args.domains, args.per_domain, args.image_size, args.warmup + args.steps)
-    trainer.fit(module, DataLoader(data, batch_size=None))
-    return timer.times[args.warmup :], len(trainer.optimizers)
+    return fit_times(module, [], args), len(module.build_optimizers())
 
 
 def main(argv: list[str] | None = None) -> None:
