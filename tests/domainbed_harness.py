@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -79,3 +80,23 @@ def max_relative_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float
         if a[key].is_floating_point() and a[key].numel():
             worst = max(worst, float((a[key] - b[key]).norm() / b[key].norm().clamp_min(1e-12)))
     return worst
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: one intra-op thread is fastest (two spin against each other on a busy machine). Autouse in
+    every test file that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Recorded(pl.Callback):
+    """The values each update returned (DomainBed's logged dict)."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(outputs["domainbed"])

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from domainbed_harness import NUM_CLASSES, NUM_DOMAINS, PER_DOMAIN, TinyFeaturizer, domain_batches, fit, minibatches_of
+from domainbed_harness import (  # noqa: F401 (one_thread: autouse)
+    NUM_CLASSES,
+    NUM_DOMAINS,
+    PER_DOMAIN,
+    Recorded,
+    TinyFeaturizer,
+    domain_batches,
+    fit,
+    minibatches_of,
+    one_thread,
+)
 from torch import nn
 
 from fishr_lightning.domainbed import build_algorithm, default_hparams, domainbed_state_dict, load_domainbed_state_dict
@@ -20,23 +29,6 @@ from fishr_lightning.seeds import seed_hash
 
 LR, WEIGHT_DECAY = 1e-2, 1e-3
 IMAGE = (2, 4, 4)  # ARM's inputs: C × H × W
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread is fastest (several spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Recorded(pl.Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(outputs["domainbed"])
 
 
 def assert_close_states(actual: dict, expected: dict, prefix: str = ""):

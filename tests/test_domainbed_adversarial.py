@@ -21,6 +21,7 @@ from domainbed_harness import (
     fit,
     float64_state,
     minibatches_of,
+    one_thread,  # noqa: F401 (one_thread: autouse)
 )
 from lightning.pytorch import Callback
 from torch import autograd, nn
@@ -38,15 +39,6 @@ DANN_HPARAMS = {"grad_penalty": 0.5, "lambda": 0.3, "lr_g": 1e-2, "lr_d": 2e-2, 
 DANN_HPARAMS |= {"weight_decay_g": 1e-4, "mlp_width": 16, "mlp_depth": 3, "beta1": 0.5, "d_steps_per_g_step": 1}
 OVERRIDES = {"DANN": DANN_HPARAMS, "CDANN": DANN_HPARAMS, "SagNet": {"lr": 1e-2, "sag_w_adv": 0.5}}
 OVERRIDES["SelfReg"] = {"lr": 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one CPU thread is fastest, and on a loaded machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name: str, seed: int = 0) -> DomainBedAlgorithm:

@@ -9,18 +9,19 @@ import copy
 from collections import Counter
 from itertools import cycle
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from domainbed_harness import (
+from domainbed_harness import (  # noqa: F401 (one_thread: autouse)
     NUM_CLASSES,
     NUM_DOMAINS,
+    Recorded,
     TinyFeaturizer,
     domain_batches,
     fit,
     float64_state,
     minibatches_of,
+    one_thread,
 )
 from torch import nn
 
@@ -34,25 +35,6 @@ LR, WEIGHT_DECAY = 1e-2, 1e-3
 # A resume test's fits: updates 1-2 as one whole epoch, then updates 3-4 as the second epoch of the resumed fit
 # (a fit stopped by max_steps mid-loader would restart its loader on resume).
 ONE_EPOCH, TWO_EPOCHS = {"max_steps": -1, "max_epochs": 1}, {"max_steps": -1, "max_epochs": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread is fastest (several spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Recorded(pl.Callback):
-    """The values each update returned (DomainBed's logged dict)."""
-
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(outputs["domainbed"])
 
 
 def build(name: str, seed: int = 0, **hparams):

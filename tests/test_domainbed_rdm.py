@@ -16,6 +16,7 @@ from domainbed_harness import (
     fit,
     float64_state,
     minibatches_of,
+    one_thread,  # noqa: F401 (one_thread: autouse)
 )
 
 from fishr_lightning.domainbed import DomainBedError, build_algorithm, default_hparams, domainbed_state_dict
@@ -23,14 +24,6 @@ from fishr_lightning.domainbed.hparams_registry import hparams_for
 
 HPARAMS = {**default_hparams("RDM", "PACS"), "lr": 1e-2, "rdm_lr": 3e-3, "rdm_lambda": 2.0, "variance_weight": 0.5,
            "rdm_penalty_anneal_iters": 1}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: two threads only contend on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def mmd(x, y, gamma=(0.0001, 0.001, 0.01, 0.1, 1, 10, 100, 1000)):  # DomainBed's RDM.mmd and gaussian_kernel

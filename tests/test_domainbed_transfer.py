@@ -21,6 +21,7 @@ from domainbed_harness import (
     fit,
     float64_state,
     minibatches_of,
+    one_thread,  # noqa: F401 (one_thread: autouse)
 )
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -34,14 +35,6 @@ from fishr_lightning.domainbed.hparams_registry import hparams_for
 TRM_HPARAMS = {**default_hparams("TRM", "PACS"), "lr": 1e-2, "iters": 1, "cos_lambda": 0.1, "groupdro_eta": 0.5}
 TRANSFER_HPARAMS = {**default_hparams("Transfer", "PACS"), "lr": 1e-2, "lr_d": 0.5, "d_steps_per_g": 2, "delta": 0.02}
 TINY_KEYS = {f"featurizer.{layer}.{p}" for layer in ("hidden", "output") for p in ("weight", "bias")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: two threads only contend on a shared machine (20x slower)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record_values(module, values):
