@@ -143,3 +143,20 @@ def test_a_resumed_fit_draws_dropout_as_the_uninterrupted_one(tmp_path):
     fit(resumed, batches[2:] + batches[:2], ckpt_path=str(tmp_path / "two.ckpt"), max_steps=4)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["URM", "EQRM"])
+def test_bf16_true_trains_through_lightnings_precision_plugin_one_update_one_step(name):
+    # The GPU's half-precision path on the CPU: Lightning's bf16-true plugin converts the module; URM steps two
+    # optimizers per update (the second straight to its optimizer), EQRM keeps DomainBed's float64 quantile.
+    hparams = {**default_hparams(name, "PACS"), "lr": 1e-2, "eqrm_burnin_iters": 1}
+    torch.manual_seed(0)
+    module = build_algorithm(name, (6,), NUM_CLASSES, NUM_DOMAINS, hparams, featurizer=TinyFeaturizer)
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    batches = [tuple(t.float() if t.is_floating_point() else t for t in batch) for batch in domain_batches(steps=3)]
+    trainer = fit(module, batches, precision="bf16-true")
+    assert trainer.global_step == 3
+    assert module.classifier.weight.dtype == torch.bfloat16 and torch.isfinite(module.classifier.weight).all()
+    assert not torch.equal(module.classifier.weight.float(), before["classifier.weight"].float())
+    if name == "EQRM":
+        assert module.alpha.dtype == torch.float64 and module.update_count.item() == 3
